@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Starts or stops the local Kafka-protocol broker (noida-db) that the demo and the tests use.
+#   broker.sh start | stop | restart | status
+# With KAFKA_BROKERS pointing elsewhere (a real Kafka cluster), it does nothing.
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+
+dir="$PGKB_STATE/broker"
+pidfile="$dir/pid"
+port="${PGKB_LOCAL_BROKER##*:}"
+
+running() { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; }
+
+start() {
+  if running; then return 0; fi
+  mkdir -p "$dir/data"
+  local bin
+  bin=$(noida_bin) || { echo "noida-db is not installed: run scripts/setup.sh" >&2; exit 1; }
+  nohup "$bin" start --data-dir "$dir/data" --only kafka --kafka-port "$port" --host 127.0.0.1 \
+    >>"$dir/broker.log" 2>&1 </dev/null &
+  echo $! >"$pidfile"
+  for _ in $(seq 1 150); do
+    listening && return 0
+    running || { echo "the broker exited; see $dir/broker.log" >&2; tail -20 "$dir/broker.log" >&2; exit 1; }
+    sleep 0.2
+  done
+  echo "the broker did not start listening on port $port; see $dir/broker.log" >&2
+  exit 1
+}
+
+stop() {
+  running || { rm -f "$pidfile"; return 0; }
+  local pid
+  pid=$(cat "$pidfile")
+  # SIGINT is the broker's graceful stop: it saves its data first.
+  kill -INT "$pid"
+  for _ in $(seq 1 300); do
+    kill -0 "$pid" 2>/dev/null || { rm -f "$pidfile"; return 0; }
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+  rm -f "$pidfile"
+}
+
+if [ "$KAFKA_BROKERS" != "$PGKB_LOCAL_BROKER" ]; then
+  exit 0
+fi
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  restart) stop; start ;;
+  status) running && echo "running (pid $(cat "$pidfile"))" || { echo stopped; exit 3; } ;;
+  *) echo "usage: $0 start|stop|restart|status" >&2; exit 2 ;;
+esac

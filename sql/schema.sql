@@ -1,0 +1,52 @@
+-- Catalog of pg_kafka_bridge. Created in schema kafka (named in the control file).
+
+-- Subscription definitions. Read through the view kafka.subscriptions, which hides option
+-- values (broker credentials) from roles other than the owner.
+CREATE TABLE subscription_catalog (
+    id               serial PRIMARY KEY,
+    name             text NOT NULL UNIQUE,
+    owner            oid NOT NULL,
+    brokers          text NOT NULL,
+    topic            text NOT NULL,
+    -- The target is stored by name so that a dropped and recreated table is found again.
+    target_schema    name NOT NULL,
+    target_table     name NOT NULL,
+    format           text NOT NULL CHECK (format IN ('json', 'text', 'bytea')),
+    mode             text NOT NULL CHECK (mode IN ('insert', 'upsert')),
+    key_columns      name[],
+    start_from       text NOT NULL CHECK (start_from IN ('earliest', 'latest')),
+    batch_size       integer NOT NULL CHECK (batch_size > 0),
+    batch_timeout_ms integer NOT NULL CHECK (batch_timeout_ms >= 0),
+    workers          integer NOT NULL CHECK (workers > 0),
+    options          jsonb NOT NULL DEFAULT '{}',
+    enabled          boolean NOT NULL DEFAULT true,
+    created_at       timestamptz NOT NULL DEFAULT now()
+);
+
+-- The durable consumer position: the next offset to apply, per partition. Advanced only in
+-- the transaction that applies the rows before it.
+CREATE TABLE offsets (
+    subscription text NOT NULL REFERENCES subscription_catalog (name) ON DELETE CASCADE,
+    topic        text NOT NULL,
+    partition    integer NOT NULL,
+    next_offset  bigint NOT NULL,
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (subscription, topic, partition)
+);
+
+-- Messages that could not become rows, with the reason. Kept when the subscription is
+-- dropped; delete them when dealt with.
+CREATE TABLE dead_letters (
+    id           bigserial PRIMARY KEY,
+    subscription text NOT NULL,
+    topic        text NOT NULL,
+    partition    integer NOT NULL,
+    "offset"     bigint NOT NULL,
+    key          bytea,
+    payload      bytea,
+    error        text NOT NULL,
+    failed_at    timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX dead_letters_position ON dead_letters (subscription, topic, partition, "offset");
+
+REVOKE ALL ON subscription_catalog, offsets, dead_letters FROM PUBLIC;

@@ -1,0 +1,302 @@
+//! The only code that reads and writes the `kafka.*` tables. Every statement names its
+//! objects schema-qualified and passes values as parameters.
+
+use crate::error::{BridgeError, Result};
+use pgrx::datum::DatumWithOid;
+use pgrx::prelude::*;
+use pgrx::spi::{SpiClient, SpiHeapTupleData};
+use pgrx::JsonB;
+use std::collections::HashMap;
+
+/// A subscription as stored in `kafka.subscription_catalog`.
+#[derive(Clone, Debug)]
+pub struct Subscription {
+    pub id: i32,
+    pub name: String,
+    pub owner: pg_sys::Oid,
+    pub brokers: String,
+    pub topic: String,
+    pub target_schema: String,
+    pub target_table: String,
+    pub format: String,
+    pub mode: String,
+    pub key_columns: Option<Vec<String>>,
+    pub start_from: String,
+    pub batch_size: i32,
+    pub batch_timeout_ms: i32,
+    pub workers: i32,
+    pub options: serde_json::Value,
+    pub enabled: bool,
+}
+
+const SUBSCRIPTION_COLUMNS: &str = "id, name, owner, brokers, topic, target_schema::text, \
+     target_table::text, format, mode, key_columns::text[], start_from, batch_size, \
+     batch_timeout_ms, workers, options, enabled";
+
+impl Subscription {
+    fn from_row(row: &SpiHeapTupleData) -> Result<Subscription> {
+        fn req<T: FromDatum + IntoDatum>(row: &SpiHeapTupleData, i: usize) -> Result<T> {
+            row.get::<T>(i)?.ok_or_else(|| BridgeError::Postgres {
+                sqlstate: PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                message: format!("kafka.subscription_catalog column {i} is null"),
+            })
+        }
+        Ok(Subscription {
+            id: req(row, 1)?,
+            name: req(row, 2)?,
+            owner: req(row, 3)?,
+            brokers: req(row, 4)?,
+            topic: req(row, 5)?,
+            target_schema: req(row, 6)?,
+            target_table: req(row, 7)?,
+            format: req(row, 8)?,
+            mode: req(row, 9)?,
+            key_columns: row.get(10)?,
+            start_from: req(row, 11)?,
+            batch_size: req(row, 12)?,
+            batch_timeout_ms: req(row, 13)?,
+            workers: req(row, 14)?,
+            options: req::<JsonB>(row, 15)?.0,
+            enabled: req(row, 16)?,
+        })
+    }
+
+    fn load(condition: &str, arg: DatumWithOid) -> Result<Option<Subscription>> {
+        Spi::connect(|client| {
+            let sql = format!(
+                "SELECT {SUBSCRIPTION_COLUMNS} FROM kafka.subscription_catalog WHERE {condition}"
+            );
+            let table = client.select(&sql, Some(1), &[arg])?;
+            match table.into_iter().next() {
+                Some(row) => Subscription::from_row(&row).map(Some),
+                None => Ok(None),
+            }
+        })
+    }
+
+    pub fn by_id(id: i32) -> Result<Option<Subscription>> {
+        Subscription::load("id = $1", id.into())
+    }
+
+    /// Looks a subscription up by name, locking its row against concurrent changes.
+    pub fn by_name_for_update(name: &str) -> Result<Subscription> {
+        Subscription::load("name = $1 FOR UPDATE", name.into())?.ok_or_else(|| {
+            BridgeError::UndefinedObject {
+                kind: "subscription",
+                name: name.into(),
+            }
+        })
+    }
+
+    pub fn insert(&self) -> Result<i32> {
+        Spi::connect_mut(|client| {
+            let exists = client
+                .select(
+                    "SELECT 1 FROM kafka.subscription_catalog WHERE name = $1",
+                    Some(1),
+                    &[self.name.as_str().into()],
+                )?
+                .len();
+            if exists > 0 {
+                return Err(BridgeError::DuplicateObject {
+                    kind: "subscription",
+                    name: self.name.clone(),
+                });
+            }
+            let row = client.update(
+                "INSERT INTO kafka.subscription_catalog (name, owner, brokers, topic, target_schema, \
+                 target_table, format, mode, key_columns, start_from, batch_size, batch_timeout_ms, \
+                 workers, options, enabled) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, true) RETURNING id",
+                Some(1),
+                &[
+                    self.name.as_str().into(),
+                    self.owner.into(),
+                    self.brokers.as_str().into(),
+                    self.topic.as_str().into(),
+                    self.target_schema.as_str().into(),
+                    self.target_table.as_str().into(),
+                    self.format.as_str().into(),
+                    self.mode.as_str().into(),
+                    self.key_columns.clone().into(),
+                    self.start_from.as_str().into(),
+                    self.batch_size.into(),
+                    self.batch_timeout_ms.into(),
+                    self.workers.into(),
+                    JsonB(self.options.clone()).into(),
+                ],
+            )?;
+            Ok(row.first().get_one::<i32>()?.unwrap_or_default())
+        })
+    }
+
+    pub fn set_enabled(&self, enabled: bool) -> Result<()> {
+        Spi::connect_mut(|client| {
+            client.update(
+                "UPDATE kafka.subscription_catalog SET enabled = $2 WHERE id = $1",
+                None,
+                &[self.id.into(), enabled.into()],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn delete(&self) -> Result<()> {
+        Spi::connect_mut(|client| {
+            client.update(
+                "DELETE FROM kafka.subscription_catalog WHERE id = $1",
+                None,
+                &[self.id.into()],
+            )?;
+            Ok(())
+        })
+    }
+}
+
+/// `(id, workers)` of every enabled subscription.
+pub fn enabled_subscriptions() -> Result<Vec<(i32, i32)>> {
+    Spi::connect(|client| {
+        let table = client.select(
+            "SELECT id, workers FROM kafka.subscription_catalog WHERE enabled ORDER BY id",
+            None,
+            &[],
+        )?;
+        table
+            .into_iter()
+            .map(|row| {
+                Ok((
+                    row.get::<i32>(1)?.unwrap_or_default(),
+                    row.get::<i32>(2)?.unwrap_or(1),
+                ))
+            })
+            .collect()
+    })
+}
+
+/// Whether the extension is installed in the current database.
+pub fn extension_installed() -> Result<bool> {
+    Ok(Spi::get_one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_kafka_bridge')",
+    )?
+    .unwrap_or(false))
+}
+
+/// Stored positions of a subscription's partitions of `topic`.
+pub fn read_offsets(subscription: &str, topic: &str) -> Result<HashMap<i32, i64>> {
+    Spi::connect(|client| {
+        let table = client.select(
+            "SELECT partition, next_offset FROM kafka.offsets WHERE subscription = $1 AND topic = $2",
+            None,
+            &[subscription.into(), topic.into()],
+        )?;
+        table
+            .into_iter()
+            .map(|row| {
+                Ok((
+                    row.get::<i32>(1)?.unwrap_or_default(),
+                    row.get::<i64>(2)?.unwrap_or_default(),
+                ))
+            })
+            .collect()
+    })
+}
+
+/// Stores starting positions for partitions that have none yet; existing ones are kept.
+pub fn insert_missing_offsets(
+    subscription: &str,
+    topic: &str,
+    starts: &[(i32, i64)],
+) -> Result<()> {
+    Spi::connect_mut(|client| {
+        for &(partition, offset) in starts {
+            client.update(
+                "INSERT INTO kafka.offsets (subscription, topic, partition, next_offset) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                None,
+                &[
+                    subscription.into(),
+                    topic.into(),
+                    partition.into(),
+                    offset.into(),
+                ],
+            )?;
+        }
+        Ok(())
+    })
+}
+
+/// Moves a partition's position from `expected` to `next`. Fails with `OffsetMoved` if the
+/// stored position is not `expected`: another worker or a manual change moved it.
+pub fn advance_offset(
+    client: &mut SpiClient,
+    subscription: &str,
+    topic: &str,
+    partition: i32,
+    expected: i64,
+    next: i64,
+) -> Result<()> {
+    let updated = client
+        .update(
+            "UPDATE kafka.offsets SET next_offset = $5, updated_at = now() \
+             WHERE subscription = $1 AND topic = $2 AND partition = $3 AND next_offset = $4",
+            None,
+            &[
+                subscription.into(),
+                topic.into(),
+                partition.into(),
+                expected.into(),
+                next.into(),
+            ],
+        )?
+        .len();
+    if updated == 1 {
+        return Ok(());
+    }
+    let found = client
+        .select(
+            "SELECT next_offset FROM kafka.offsets WHERE subscription = $1 AND topic = $2 AND partition = $3",
+            Some(1),
+            &[subscription.into(), topic.into(), partition.into()],
+        )?
+        .first()
+        .get_one::<i64>()
+        .unwrap_or(None);
+    Err(BridgeError::OffsetMoved {
+        topic: topic.into(),
+        partition,
+        expected,
+        found,
+    })
+}
+
+/// A message that could not become a row.
+pub struct DeadLetter<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<&'a [u8]>,
+    pub payload: Option<&'a [u8]>,
+    pub error: &'a str,
+}
+
+pub fn insert_dead_letter(
+    client: &mut SpiClient,
+    subscription: &str,
+    letter: &DeadLetter,
+) -> Result<()> {
+    client.update(
+        "INSERT INTO kafka.dead_letters (subscription, topic, partition, \"offset\", key, payload, error) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        None,
+        &[
+            subscription.into(),
+            letter.topic.into(),
+            letter.partition.into(),
+            letter.offset.into(),
+            letter.key.into(),
+            letter.payload.into(),
+            letter.error.into(),
+        ],
+    )?;
+    Ok(())
+}

@@ -1,0 +1,134 @@
+//! Reading a JSON object's fields without building a tree: each field of interest is kept as
+//! the raw JSON text it was sent as, borrowed from the message.
+
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+
+/// Fills `out[slot]` with the raw value of every key of `payload` that `by_name` maps to a
+/// slot. Unknown keys are ignored; of duplicate keys the last wins, as in
+/// `json_populate_record`.
+pub fn object_fields<'a>(
+    payload: &'a [u8],
+    by_name: &HashMap<String, usize>,
+    out: &mut [Option<&'a RawValue>],
+) -> Result<(), String> {
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    ObjectFields { by_name, out }
+        .deserialize(&mut de)
+        .map_err(|e| e.to_string())?;
+    de.end().map_err(|e| e.to_string())
+}
+
+/// Checks that `payload` is one well-formed JSON value.
+pub fn validate(payload: &[u8]) -> Result<(), String> {
+    serde_json::from_slice::<IgnoredAny>(payload)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// The text a JSON scalar stands for: a string unescaped, anything else as written.
+/// `None` for `null`.
+pub fn scalar_text(raw: &str) -> Result<Option<Cow<'_, str>>, String> {
+    match raw.as_bytes().first() {
+        Some(b'n') => Ok(None),
+        Some(b'"') if !raw.contains('\\') => Ok(Some(Cow::Borrowed(&raw[1..raw.len() - 1]))),
+        Some(b'"') => serde_json::from_str::<String>(raw)
+            .map(|s| Some(Cow::Owned(s)))
+            .map_err(|e| e.to_string()),
+        _ => Ok(Some(Cow::Borrowed(raw))),
+    }
+}
+
+struct ObjectFields<'m, 'a> {
+    by_name: &'m HashMap<String, usize>,
+    out: &'m mut [Option<&'a RawValue>],
+}
+
+impl<'de, 'm> DeserializeSeed<'de> for ObjectFields<'m, 'de> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, 'm> Visitor<'de> for ObjectFields<'m, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(slot) = map.next_key_seed(KeyLookup(self.by_name))? {
+            match slot {
+                Some(slot) => self.out[slot] = Some(map.next_value::<&'de RawValue>()?),
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+struct KeyLookup<'m>(&'m HashMap<String, usize>);
+
+impl<'de> DeserializeSeed<'de> for KeyLookup<'_> {
+    type Value = Option<usize>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyLookup<'_> {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a key")
+    }
+
+    fn visit_str<E>(self, key: &str) -> Result<Option<usize>, E> {
+        Ok(self.0.get(key).copied())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_known_keys_last_duplicate_wins() {
+        let by_name: HashMap<String, usize> = [("a".into(), 0), ("b".into(), 1)].into();
+        let mut out = [None, None];
+        object_fields(
+            br#"{"a": 1, "x": {"deep": [1]}, "b": "t\"x", "a": 2}"#,
+            &by_name,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out[0].unwrap().get(), "2");
+        assert_eq!(out[1].unwrap().get(), r#""t\"x""#);
+    }
+
+    #[test]
+    fn rejects_non_objects_and_garbage() {
+        let by_name = HashMap::new();
+        assert!(object_fields(b"[1]", &by_name, &mut [])
+            .unwrap_err()
+            .contains("JSON object"));
+        assert!(object_fields(b"{\"a\":", &by_name, &mut []).is_err());
+        assert!(object_fields(b"{} x", &by_name, &mut []).is_err());
+    }
+
+    #[test]
+    fn unescapes_scalars() {
+        assert_eq!(scalar_text(r#""a\nb""#).unwrap().unwrap(), "a\nb");
+        assert_eq!(scalar_text("12.50").unwrap().unwrap(), "12.50");
+        assert_eq!(scalar_text("null").unwrap(), None);
+    }
+}

@@ -1,0 +1,105 @@
+//! Kafka client configuration shared by every worker, and the client context that carries
+//! librdkafka's errors from its own threads to the worker's main thread.
+
+use crate::error::{BridgeError, Result};
+use parking_lot::Mutex;
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::ConsumerContext;
+use rdkafka::error::KafkaError;
+use rdkafka::ClientConfig;
+use std::sync::Arc;
+
+/// Properties the extension sets itself because its guarantees depend on them.
+const MANAGED_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "metadata.broker.list",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "isolation.level",
+    "auto.offset.reset",
+    "enable.partition.eof",
+    "transactional.id",
+];
+
+/// Librdkafka properties given by a user, checked.
+#[derive(Clone, Debug, Default)]
+pub struct Options(Vec<(String, String)>);
+
+impl Options {
+    /// Accepts a JSON object whose values are strings, naming properties librdkafka knows and
+    /// the extension does not manage itself. No broker is contacted.
+    pub fn from_json(value: &serde_json::Value) -> Result<Options> {
+        let serde_json::Value::Object(map) = value else {
+            return Err(BridgeError::InvalidParameter(format!(
+                "options must be a JSON object of strings, not {value}"
+            )));
+        };
+        let mut pairs = Vec::with_capacity(map.len());
+        for (name, value) in map {
+            let serde_json::Value::String(value) = value else {
+                return Err(BridgeError::InvalidParameter(format!(
+                    "option \"{name}\" must be a JSON string, not {value}"
+                )));
+            };
+            if MANAGED_PROPERTIES.contains(&name.as_str()) {
+                return Err(BridgeError::InvalidParameter(format!(
+                    "option \"{name}\" is set by pg_kafka_bridge and cannot be overridden"
+                )));
+            }
+            let mut probe = ClientConfig::new();
+            probe.set(name, value);
+            if let Err(e) = probe.create_native_config() {
+                return Err(BridgeError::InvalidParameter(format!(
+                    "option \"{name}\": {}",
+                    kafka_reason(&e)
+                )));
+            }
+            pairs.push((name.clone(), value.clone()));
+        }
+        Ok(Options(pairs))
+    }
+
+    pub fn apply(&self, config: &mut ClientConfig) {
+        for (name, value) in &self.0 {
+            config.set(name, value);
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.iter().any(|(n, _)| n == name)
+    }
+}
+
+fn kafka_reason(e: &KafkaError) -> String {
+    match e {
+        KafkaError::ClientConfig(_, description, _, _) => description.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Keeps the latest error librdkafka reported from its background threads. The callbacks
+/// only store it; the worker's main thread reads it and reports it through PostgreSQL.
+#[derive(Clone, Default)]
+pub struct ErrorMailbox(Arc<Mutex<Option<String>>>);
+
+impl ErrorMailbox {
+    pub fn take(&self) -> Option<String> {
+        self.0.lock().take()
+    }
+}
+
+pub struct BridgeContext {
+    pub errors: ErrorMailbox,
+}
+
+impl ClientContext for BridgeContext {
+    fn log(&self, _level: RDKafkaLogLevel, _facility: &str, _message: &str) {}
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        *self.errors.0.lock() = Some(format!("{error}: {reason}"));
+    }
+}
+
+impl ConsumerContext for BridgeContext {}

@@ -1,0 +1,175 @@
+//! The launcher: a background worker registered at preload that keeps one worker running
+//! for each enabled subscription and worker index, and stops the workers of subscriptions
+//! that were stopped or dropped. It never touches Kafka.
+
+use crate::catalog;
+use crate::settings;
+use crate::shmem::{self, SlotId, WorkerKind, WorkerState};
+use crate::worker;
+use pgrx::bgworkers::{BackgroundWorkerBuilder, DynamicBackgroundWorker};
+use pgrx::prelude::*;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+const LIBRARY: &str = "pg_kafka_bridge";
+/// How long a worker that could not be started waits before the next attempt.
+const LAUNCH_RETRY: Duration = Duration::from_secs(5);
+
+pub fn register() {
+    BackgroundWorkerBuilder::new("pg_kafka_bridge launcher")
+        .set_type("pg_kafka_bridge launcher")
+        .set_library(LIBRARY)
+        .set_function("pg_kafka_bridge_launcher_main")
+        .enable_spi_access()
+        .set_restart_time(Some(Duration::from_secs(1)))
+        .load();
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn pg_kafka_bridge_launcher_main(_arg: pg_sys::Datum) {
+    worker::install_signal_handlers();
+    let database = std::ffi::CString::new(settings::database()).unwrap_or_default();
+    unsafe {
+        pg_sys::BackgroundWorkerInitializeConnection(database.as_ptr(), std::ptr::null(), 0);
+        shmem::set_launcher_latch(pg_sys::MyLatch);
+        pg_sys::on_shmem_exit(Some(forget_launcher_latch), pg_sys::Datum::from(0));
+    }
+    let mut launcher = Launcher::default();
+    loop {
+        worker::check_signals();
+        launcher.reconcile();
+        worker::sleep(settings::launcher_naptime());
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn forget_launcher_latch(_code: i32, _arg: pg_sys::Datum) {
+    shmem::set_launcher_latch(std::ptr::null_mut());
+}
+
+#[derive(Default)]
+struct Launcher {
+    handles: HashMap<SlotId, DynamicBackgroundWorker>,
+}
+
+impl Launcher {
+    fn reconcile(&mut self) {
+        let wanted = match worker::transaction(|| {
+            if !catalog::extension_installed()? {
+                return Ok(Vec::new());
+            }
+            catalog::enabled_subscriptions()
+        }) {
+            Ok(subscriptions) => subscriptions,
+            Err(e) => {
+                warning!("pg_kafka_bridge launcher: could not read the catalog: {e}");
+                return;
+            }
+        };
+        let wanted: HashSet<(i32, i32)> = wanted
+            .into_iter()
+            .flat_map(|(id, workers)| (0..workers).map(move |i| (id, i)))
+            .collect();
+
+        self.handles.retain(|id, handle| {
+            let running = handle.pid().is_ok();
+            if !running {
+                shmem::release(*id);
+            }
+            running
+        });
+
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        let mut present = HashSet::new();
+        for (id, slot) in shmem::snapshot() {
+            let key = (slot.object_id, slot.worker_index);
+            if slot.kind != WorkerKind::Subscription {
+                continue;
+            }
+            if !wanted.contains(&key) {
+                if slot.pid > 0 {
+                    unsafe { libc::kill(slot.pid, libc::SIGTERM) };
+                } else {
+                    shmem::release(id);
+                }
+                continue;
+            }
+            let retry_due = now - slot.last_error_at >= LAUNCH_RETRY.as_micros() as i64;
+            if slot.state == WorkerState::LaunchFailed && retry_due {
+                shmem::release(id);
+                continue;
+            }
+            present.insert(key);
+        }
+
+        let mut missing: Vec<_> = wanted.difference(&present).copied().collect();
+        missing.sort();
+        for (subscription_id, worker_index) in missing {
+            self.start_subscription_worker(subscription_id, worker_index);
+        }
+    }
+
+    fn start_subscription_worker(&mut self, subscription_id: i32, worker_index: i32) {
+        let Some(id) = shmem::claim(WorkerKind::Subscription, subscription_id, worker_index) else {
+            warning!(
+                "pg_kafka_bridge launcher: all {} worker slots are in use; subscription {subscription_id} worker {worker_index} waits",
+                shmem::MAX_WORKERS
+            );
+            return;
+        };
+        let started = BackgroundWorkerBuilder::new(&format!(
+            "pg_kafka_bridge subscription {subscription_id} worker {worker_index}"
+        ))
+        .set_type("pg_kafka_bridge subscription")
+        .set_library(LIBRARY)
+        .set_function("pg_kafka_bridge_subscription_main")
+        .enable_spi_access()
+        .set_extra(&id.encode())
+        .set_notify_pid(unsafe { pg_sys::MyProcPid })
+        .load_dynamic();
+        match started {
+            Ok(handle) => {
+                self.handles.insert(id, handle);
+            }
+            Err(_) => {
+                shmem::update(id, |slot| {
+                    slot.state = WorkerState::LaunchFailed;
+                    slot.set_error(
+                        "could not start a background worker: no free worker process; raise max_worker_processes",
+                    );
+                });
+            }
+        }
+    }
+}
+
+/// Wakes the launcher when the current transaction commits, so that a subscription created,
+/// started or stopped in it takes effect at once, and one rolled back changes nothing.
+pub fn wake_at_commit() {
+    static REGISTERED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !REGISTERED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        unsafe { pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut()) };
+    }
+    WAKE_PENDING.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+static WAKE_PENDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_transaction_end(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    match event {
+        pg_sys::XactEvent::XACT_EVENT_COMMIT => {
+            if WAKE_PENDING.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                shmem::wake_launcher();
+            }
+        }
+        pg_sys::XactEvent::XACT_EVENT_ABORT => {
+            WAKE_PENDING.store(false, std::sync::atomic::Ordering::Relaxed)
+        }
+        _ => {}
+    }
+}

@@ -1,0 +1,60 @@
+//! pg_kafka_bridge: exactly-once data movement between Apache Kafka and PostgreSQL, run by
+//! background workers inside the database.
+//!
+//! Map of the modules:
+//! - [`settings`]: the `pg_kafka_bridge.*` configuration parameters.
+//! - [`error`]: the error type and its mapping to SQLSTATEs.
+//! - [`catalog`]: the only code that reads and writes the `kafka.*` tables.
+//! - [`api`]: the SQL functions (`kafka.create_subscription`, ...), thin wrappers over the catalog.
+//! - [`shmem`]: worker slots in shared memory, which back the status views.
+//! - [`security`]: switching the current user for catalog writes and row writes.
+//! - [`launcher`]: the launcher background worker; it starts and stops workers, nothing else.
+//! - [`worker`]: what every worker shares: entry, signals, transactions, backoff.
+//! - [`subscription`]: Kafka to PostgreSQL: consume, batch, apply, dead letters.
+//! - [`format`]: message to row conversion, pure Rust.
+//! - [`kafka`]: Kafka client configuration shared by both directions.
+
+use pgrx::prelude::*;
+
+pub mod api;
+pub mod catalog;
+pub mod error;
+pub mod format;
+pub mod kafka;
+pub mod launcher;
+pub mod security;
+pub mod settings;
+pub mod shmem;
+pub mod subscription;
+pub mod worker;
+
+::pgrx::pg_module_magic!();
+
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/views.sql", name = "views", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    // Workers and shared memory can only be set up by the postmaster while it loads
+    // shared_preload_libraries; loaded any other way the extension could not run at all.
+    if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
+        error!("pg_kafka_bridge must be loaded via shared_preload_libraries");
+    }
+    settings::define();
+    shmem::init();
+    launcher::register();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+mod sql_api_tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries = 'pg_kafka_bridge'"]
+    }
+}

@@ -1,0 +1,87 @@
+//! Configuration parameters (`pg_kafka_bridge.*`), registered once in `_PG_init` and read
+//! through the typed accessors below.
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+use std::time::Duration;
+
+static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+static LAUNCHER_NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+static RETRY_BACKOFF_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+static METADATA_REFRESH_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
+static CONSUMER_QUEUE_KBYTES: GucSetting<i32> = GucSetting::<i32>::new(16_384);
+
+pub fn define() {
+    GucRegistry::define_string_guc(
+        c"pg_kafka_bridge.database",
+        c"Database in which the launcher looks for subscriptions and publications.",
+        c"The extension must be created in this database; its workers connect to it.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_kafka_bridge.launcher_naptime",
+        c"Longest time the launcher sleeps between two checks of the catalog.",
+        c"Creating, starting or stopping a subscription wakes the launcher at commit anyway.",
+        &LAUNCHER_NAPTIME_MS,
+        50,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_kafka_bridge.retry_backoff_max",
+        c"Longest wait of a worker between two attempts after an error.",
+        c"The wait starts at 100 ms and doubles after each failed attempt, up to this value.",
+        &RETRY_BACKOFF_MAX_MS,
+        100,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_kafka_bridge.metadata_refresh",
+        c"How often a subscription worker checks its topic for new partitions.",
+        c"",
+        &METADATA_REFRESH_MS,
+        100,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_kafka_bridge.consumer_queue_size",
+        c"Most pre-fetched message data a subscription worker buffers (librdkafka queued.max.messages.kbytes).",
+        c"Bounds a worker's memory whatever the backlog; a subscription's options can override it.",
+        &CONSUMER_QUEUE_KBYTES,
+        1024,
+        2_097_151,
+        GucContext::Sighup,
+        GucFlags::UNIT_KB,
+    );
+}
+
+pub fn database() -> String {
+    DATABASE
+        .get()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "postgres".into())
+}
+
+pub fn launcher_naptime() -> Duration {
+    Duration::from_millis(LAUNCHER_NAPTIME_MS.get() as u64)
+}
+
+pub fn retry_backoff_max() -> Duration {
+    Duration::from_millis(RETRY_BACKOFF_MAX_MS.get() as u64)
+}
+
+pub fn metadata_refresh() -> Duration {
+    Duration::from_millis(METADATA_REFRESH_MS.get() as u64)
+}
+
+pub fn consumer_queue_kbytes() -> i32 {
+    CONSUMER_QUEUE_KBYTES.get()
+}

@@ -1,0 +1,143 @@
+//! The Kafka side of a subscription worker: a consumer with explicit partition assignment,
+//! positioned from the offsets stored in PostgreSQL, reading only committed messages.
+
+use crate::catalog::Subscription;
+use crate::error::{BridgeError, Result};
+use crate::kafka::{BridgeContext, ErrorMailbox, Options};
+use crate::settings;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Source {
+    pub consumer: BaseConsumer<BridgeContext>,
+    pub errors: ErrorMailbox,
+    topic: String,
+}
+
+impl Source {
+    pub fn connect(subscription: &Subscription) -> Result<Source> {
+        let options = Options::from_json(&subscription.options)?;
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &subscription.brokers)
+            .set("group.id", format!("pg_kafka_bridge.{}", subscription.name))
+            .set(
+                "client.id",
+                format!("pg_kafka_bridge.{}", subscription.name),
+            )
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
+            // A stored position the broker no longer has must stop the subscription with an
+            // error, never silently skip or replay messages.
+            .set("auto.offset.reset", "error")
+            .set("enable.partition.eof", "false");
+        if !options.contains("queued.max.messages.kbytes") {
+            config.set(
+                "queued.max.messages.kbytes",
+                settings::consumer_queue_kbytes().to_string(),
+            );
+        }
+        options.apply(&mut config);
+        let errors = ErrorMailbox::default();
+        let consumer = config.create_with_context(BridgeContext {
+            errors: errors.clone(),
+        })?;
+        Ok(Source {
+            consumer,
+            errors,
+            topic: subscription.topic.clone(),
+        })
+    }
+
+    /// The topic's partitions, from the broker's metadata.
+    pub fn partitions(&self) -> Result<Vec<i32>> {
+        let metadata = self
+            .consumer
+            .fetch_metadata(Some(&self.topic), METADATA_TIMEOUT)?;
+        let topic = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == self.topic)
+            .ok_or_else(|| {
+                BridgeError::Kafka(format!(
+                    "topic \"{}\" is missing from the broker's metadata",
+                    self.topic
+                ))
+            })?;
+        if let Some(error) = topic.error() {
+            let code = RDKafkaErrorCode::from(error);
+            return Err(BridgeError::Kafka(format!(
+                "topic \"{}\": {code}",
+                self.topic
+            )));
+        }
+        let mut partitions: Vec<i32> = topic.partitions().iter().map(|p| p.id()).collect();
+        partitions.sort_unstable();
+        if partitions.is_empty() {
+            return Err(BridgeError::Kafka(format!(
+                "topic \"{}\" has no partitions",
+                self.topic
+            )));
+        }
+        Ok(partitions)
+    }
+
+    /// The first or the next-to-be-written offset of a partition, asked of the broker.
+    pub fn boundary(&self, partition: i32, latest: bool) -> Result<i64> {
+        let (low, high) =
+            self.consumer
+                .fetch_watermarks(&self.topic, partition, METADATA_TIMEOUT)?;
+        Ok(if latest { high } else { low })
+    }
+
+    /// Starts fetching each partition at the given offset, replacing any earlier assignment.
+    pub fn assign(&self, positions: &BTreeMap<i32, i64>) -> Result<()> {
+        let mut list = TopicPartitionList::new();
+        for (&partition, &offset) in positions {
+            list.add_partition_offset(&self.topic, partition, Offset::Offset(offset))?;
+        }
+        self.consumer.assign(&list)?;
+        Ok(())
+    }
+
+    /// The partition's high watermark as last seen in a fetch response (no network call).
+    pub fn cached_high_watermark(&self, partition: i32) -> Option<i64> {
+        let topic = std::ffi::CString::new(self.topic.as_str()).ok()?;
+        let (mut low, mut high) = (-1i64, -1i64);
+        let code = unsafe {
+            rdkafka::bindings::rd_kafka_get_watermark_offsets(
+                self.consumer.client().native_ptr(),
+                topic.as_ptr(),
+                partition,
+                &mut low,
+                &mut high,
+            )
+        };
+        (code == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+            .then_some(high)
+    }
+}
+
+/// Whether an error returned while polling means the assignment cannot go on as it is
+/// (as opposed to a passing network problem that librdkafka retries by itself).
+pub fn is_fatal_poll_error(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            OffsetOutOfRange
+                | UnknownTopicOrPartition
+                | UnknownTopic
+                | UnknownPartition
+                | TopicAuthorizationFailed
+                | Fatal
+        )
+    )
+}

@@ -1,0 +1,364 @@
+//! Kafka to PostgreSQL. A subscription worker owns the partitions `p` of its topic with
+//! `p % workers == worker index`; it reads them from the offsets stored in `kafka.offsets`
+//! and applies each batch in one transaction with the offsets it moves.
+
+pub mod apply;
+pub mod consumer;
+pub mod copy;
+pub mod target;
+
+use crate::catalog::{self, Subscription};
+use crate::error::{BridgeError, Result};
+use crate::format::{EncodedBatch, Format, Message as RowMessage, Mode};
+use crate::settings;
+use crate::shmem::{self, PartitionProgress, SlotId, WorkerState};
+use crate::worker::{self, Backoff};
+use apply::{Advance, Applier};
+use consumer::Source;
+use pgrx::prelude::*;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use target::Target;
+
+/// Longest a single poll blocks, so that signals are seen promptly.
+const POLL_SLICE: Duration = Duration::from_millis(100);
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn pg_kafka_bridge_subscription_main(_arg: pg_sys::Datum) {
+    let Some(id) = worker::attach(&settings::database()) else {
+        return;
+    };
+    let Some(slot) = shmem::snapshot()
+        .into_iter()
+        .find(|(s, _)| *s == id)
+        .map(|(_, slot)| slot)
+    else {
+        return;
+    };
+    let mut worker = SubscriptionWorker {
+        id,
+        subscription_id: slot.object_id,
+        worker_index: slot.worker_index,
+    };
+    worker.run();
+}
+
+enum SessionEnd {
+    /// The subscription was stopped or dropped: exit.
+    Exit,
+    /// Something changed (partitions added): set up again at once.
+    Restart,
+}
+
+struct SubscriptionWorker {
+    id: SlotId,
+    subscription_id: i32,
+    worker_index: i32,
+}
+
+/// What a running session works with.
+struct Session<'a> {
+    subscription: &'a Subscription,
+    target: &'a Target,
+    source: &'a Source,
+    applier: &'a Applier<'a>,
+}
+
+impl SubscriptionWorker {
+    fn run(&mut self) {
+        let mut backoff = Backoff::default();
+        loop {
+            worker::check_signals();
+            match self.session(&mut backoff) {
+                Ok(SessionEnd::Exit) => return,
+                Ok(SessionEnd::Restart) => backoff.reset(),
+                Err(e) => backoff.wait_after(self.id, &e),
+            }
+        }
+    }
+
+    /// Sets up from the catalog and consumes until an error, a change, or the end.
+    fn session(&mut self, backoff: &mut Backoff) -> Result<SessionEnd> {
+        let Some((subscription, target)) = worker::transaction(|| self.load())? else {
+            return Ok(SessionEnd::Exit);
+        };
+        // pg_stat_activity.application_name tells which subscription a worker serves.
+        if let Ok(name) = std::ffi::CString::new(subscription.name.as_str()) {
+            unsafe { pg_sys::pgstat_report_appname(name.as_ptr()) };
+        }
+        let source = Source::connect(&subscription)?;
+        let partitions = self.owned(&source.partitions()?, subscription.workers);
+        let mut positions = self.positions(&subscription, &source, &partitions)?;
+        source.assign(&positions)?;
+        let applier = worker::transaction(|| Applier::new(&subscription, &target))?;
+        shmem::update(self.id, |slot| slot.state = WorkerState::Running);
+        let session = Session {
+            subscription: &subscription,
+            target: &target,
+            source: &source,
+            applier: &applier,
+        };
+        self.consume(&session, &partitions, &mut positions, backoff)
+    }
+
+    fn consume(
+        &mut self,
+        session: &Session,
+        partitions: &[i32],
+        positions: &mut BTreeMap<i32, i64>,
+        backoff: &mut Backoff,
+    ) -> Result<SessionEnd> {
+        let subscription = session.subscription;
+        let batch_size = subscription.batch_size as usize;
+        let batch_timeout = Duration::from_millis(subscription.batch_timeout_ms as u64);
+        let wants_headers = session.target.shape.wants_headers();
+        let mut encoded = EncodedBatch::default();
+        let mut next_refresh = Instant::now() + settings::metadata_refresh();
+        let mut meter = RateMeter::default();
+        loop {
+            worker::check_signals();
+            if Instant::now() >= next_refresh {
+                if self.owned(&session.source.partitions()?, subscription.workers) != partitions {
+                    return Ok(SessionEnd::Restart);
+                }
+                next_refresh = Instant::now() + settings::metadata_refresh();
+            }
+            let polled = collect(session.source, batch_size, batch_timeout)?;
+            let broker_error = polled
+                .transient_error
+                .or_else(|| session.source.errors.take());
+            // Anything before a stored position was applied already; librdkafka only hands such
+            // messages out if the assignment raced with a seek, but they must never apply twice.
+            let fresh: Vec<&BorrowedMessage> = polled
+                .messages
+                .iter()
+                .filter(|m| {
+                    positions
+                        .get(&m.partition())
+                        .is_some_and(|p| m.offset() >= *p)
+                })
+                .collect();
+            if fresh.is_empty() {
+                meter.record(0);
+                self.report(
+                    session.source,
+                    positions,
+                    &meter,
+                    0,
+                    broker_error.as_deref(),
+                );
+                continue;
+            }
+            let rows: Vec<RowMessage> = fresh
+                .iter()
+                .map(|m| row_message(m, wants_headers))
+                .collect();
+            encoded.clear();
+            for (i, row) in rows.iter().enumerate() {
+                encoded.push(&session.target.shape, i, row);
+            }
+            let mut advances: BTreeMap<i32, Advance> = BTreeMap::new();
+            for m in &fresh {
+                let from = positions[&m.partition()];
+                advances
+                    .entry(m.partition())
+                    .or_insert(Advance {
+                        partition: m.partition(),
+                        from,
+                        to: from,
+                    })
+                    .to = m.offset() + 1;
+            }
+            let advances: Vec<Advance> = advances.into_values().collect();
+            let outcome = session.applier.apply(&rows, &encoded, &advances)?;
+            for a in &advances {
+                positions.insert(a.partition, a.to);
+            }
+            backoff.reset();
+            meter.record(outcome.rows + outcome.dead_letters);
+            self.report(
+                session.source,
+                positions,
+                &meter,
+                outcome.rows + outcome.dead_letters,
+                broker_error.as_deref(),
+            );
+        }
+    }
+
+    /// Publishes progress (and a broker problem, if any) in the worker's slot.
+    fn report(
+        &self,
+        source: &Source,
+        positions: &BTreeMap<i32, i64>,
+        meter: &RateMeter,
+        applied: usize,
+        broker_error: Option<&str>,
+    ) {
+        let progress: Vec<PartitionProgress> = positions
+            .iter()
+            .map(|(&partition, &next_offset)| PartitionProgress {
+                partition,
+                next_offset,
+                high_watermark: source.cached_high_watermark(partition).unwrap_or(-1),
+            })
+            .collect();
+        shmem::update(self.id, |slot| {
+            slot.rows_total += applied as i64;
+            slot.rows_per_second = meter.rate;
+            slot.set_partitions(progress.into_iter());
+            match broker_error {
+                Some(e) => {
+                    slot.state = WorkerState::Retrying;
+                    slot.set_error(&format!("Kafka: {e}"));
+                }
+                None if applied > 0 => slot.state = WorkerState::Running,
+                None => {}
+            }
+        });
+    }
+
+    /// Reads the definition and resolves the table; `None` if the subscription is gone or
+    /// stopped. Checks again that the owner may write the table.
+    fn load(&self) -> Result<Option<(Subscription, Target)>> {
+        let Some(subscription) = Subscription::by_id(self.subscription_id)? else {
+            return Ok(None);
+        };
+        if !subscription.enabled || self.worker_index >= subscription.workers {
+            return Ok(None);
+        }
+        let format = Format::parse(&subscription.format).unwrap_or(Format::Json);
+        let mode = Mode::parse(&subscription.mode).unwrap_or(Mode::Insert);
+        let target = Target::open(
+            &subscription.target_schema,
+            &subscription.target_table,
+            format,
+            mode,
+            subscription.key_columns.as_deref(),
+        )?;
+        target.check_writable_by(subscription.owner)?;
+        Ok(Some((subscription, target)))
+    }
+
+    fn owned(&self, partitions: &[i32], workers: i32) -> Vec<i32> {
+        partitions
+            .iter()
+            .copied()
+            .filter(|p| p % workers == self.worker_index)
+            .collect()
+    }
+
+    /// The stored position of each owned partition. Partitions without one get their start
+    /// stored first: per `start_from` on the subscription's first start, the beginning of
+    /// the partition for partitions added later (all their messages are new).
+    fn positions(
+        &self,
+        subscription: &Subscription,
+        source: &Source,
+        partitions: &[i32],
+    ) -> Result<BTreeMap<i32, i64>> {
+        let stored =
+            worker::transaction(|| catalog::read_offsets(&subscription.name, &subscription.topic))?;
+        let first_start = stored.is_empty();
+        let latest = first_start && subscription.start_from == "latest";
+        let mut missing = Vec::new();
+        for &p in partitions.iter().filter(|p| !stored.contains_key(p)) {
+            missing.push((p, source.boundary(p, latest)?));
+        }
+        if !missing.is_empty() {
+            worker::transaction(|| {
+                catalog::insert_missing_offsets(&subscription.name, &subscription.topic, &missing)
+            })?;
+        }
+        let stored =
+            worker::transaction(|| catalog::read_offsets(&subscription.name, &subscription.topic))?;
+        Ok(partitions
+            .iter()
+            .filter_map(|p| stored.get(p).map(|o| (*p, *o)))
+            .collect())
+    }
+}
+
+struct Polled<'c> {
+    messages: Vec<BorrowedMessage<'c>>,
+    transient_error: Option<String>,
+}
+
+/// Polls up to `max` messages. Returns at once with nothing after a short wait if none
+/// come; once the first message is in, waits at most `timeout` for the batch to fill.
+fn collect(source: &Source, max: usize, timeout: Duration) -> Result<Polled<'_>> {
+    let mut polled = Polled {
+        messages: Vec::new(),
+        transient_error: None,
+    };
+    let mut deadline: Option<Instant> = None;
+    loop {
+        let wait = match deadline {
+            None => POLL_SLICE,
+            Some(d) => d.saturating_duration_since(Instant::now()).min(POLL_SLICE),
+        };
+        match source.consumer.poll(wait) {
+            Some(Ok(m)) => {
+                polled.messages.push(m);
+                deadline.get_or_insert_with(|| Instant::now() + timeout);
+                if polled.messages.len() >= max {
+                    return Ok(polled);
+                }
+            }
+            Some(Err(e)) if consumer::is_fatal_poll_error(&e) => return Err(BridgeError::from(e)),
+            Some(Err(e)) => polled.transient_error = Some(e.to_string()),
+            None if deadline.is_none() => return Ok(polled),
+            None => {}
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(polled);
+        }
+    }
+}
+
+fn row_message<'m>(m: &'m BorrowedMessage, wants_headers: bool) -> RowMessage<'m> {
+    let headers = match (wants_headers, m.headers()) {
+        (true, Some(h)) => h.iter().map(|h| (h.key, h.value)).collect(),
+        _ => Vec::new(),
+    };
+    RowMessage {
+        topic: m.topic(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key(),
+        payload: m.payload(),
+        timestamp_ms: m.timestamp().to_millis(),
+        headers,
+    }
+}
+
+/// Rows per second over the last second or so.
+struct RateMeter {
+    window_start: Instant,
+    window_rows: usize,
+    rate: f64,
+}
+
+impl Default for RateMeter {
+    fn default() -> Self {
+        RateMeter {
+            window_start: Instant::now(),
+            window_rows: 0,
+            rate: 0.0,
+        }
+    }
+}
+
+impl RateMeter {
+    fn record(&mut self, rows: usize) {
+        self.window_rows += rows;
+        let elapsed = self.window_start.elapsed();
+        if elapsed >= Duration::from_secs(1) {
+            self.rate = self.window_rows as f64 / elapsed.as_secs_f64();
+            self.window_rows = 0;
+            self.window_start = Instant::now();
+        }
+    }
+}

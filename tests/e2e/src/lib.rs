@@ -1,0 +1,374 @@
+//! Harness of the end-to-end tests: a PostgreSQL cluster with the extension installed and
+//! a Kafka-protocol broker, both reached over TCP at the addresses in the environment
+//! (`PGHOST`, `PGPORT`, `KAFKA_BROKERS`; `scripts/env.sh` sets the defaults). The cluster is
+//! controlled through `scripts/cluster.sh`, the local broker through `scripts/broker.sh`.
+
+use postgres::{Client, NoTls};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{ClientConfig, Message};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.into())
+}
+
+pub fn connection_string() -> String {
+    format!(
+        "host={} port={} user={} dbname={}",
+        env_or("PGHOST", "127.0.0.1"),
+        env_or("PGPORT", "5499"),
+        env_or("PGUSER", "postgres"),
+        env_or("PGDATABASE", "postgres")
+    )
+}
+
+/// A connection to the test cluster, waiting for it to accept connections (it may be
+/// restarting after a crash) and making sure the extension exists.
+pub fn pg() -> Client {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        match Client::connect(&connection_string(), NoTls) {
+            Ok(mut client) => {
+                match client.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_kafka_bridge") {
+                    Ok(()) => return client,
+                    Err(e) if Instant::now() > deadline => {
+                        panic!("cannot create the extension: {e}")
+                    }
+                    Err(_) => {}
+                }
+            }
+            Err(e) if Instant::now() > deadline => panic!("cannot connect to PostgreSQL: {e}"),
+            Err(_) => {}
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Runs one of the repository's scripts (`scripts/NAME.sh`) with arguments.
+pub fn script(name: &str, args: &[&str]) {
+    let path = repo_root().join("scripts").join(format!("{name}.sh"));
+    let status = Command::new("bash")
+        .arg(&path)
+        .args(args)
+        .status()
+        .expect("run script");
+    assert!(
+        status.success(),
+        "{} {:?} failed: {status}",
+        path.display(),
+        args
+    );
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// A name no other test run uses: for topics, tables and subscriptions.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{prefix}_{}_{}_{nanos}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn create_topic(name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = block_on(admin.create_topics([&topic], &options)).expect("create topic");
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
+    }
+    wait_for(
+        &format!("topic {name} with {partitions} partitions"),
+        Duration::from_secs(30),
+        || partition_count(name) == partitions,
+    );
+}
+
+pub fn partition_count(topic: &str) -> i32 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .ok()
+        .and_then(|m| {
+            m.topics()
+                .iter()
+                .find(|t| t.name() == topic)
+                .map(|t| t.partitions().len() as i32)
+        })
+        .unwrap_or(0)
+}
+
+/// Runs a future to completion on the current thread (the admin client's futures need no
+/// runtime of their own).
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
+    fn raw() -> RawWaker {
+        RawWaker::new(std::ptr::null(), &VTABLE)
+    }
+    static VTABLE: RawWakerVTable = RawWakerVTable::new(|_| raw(), |_| {}, |_| {}, |_| {});
+    let waker = unsafe { Waker::from_raw(raw()) };
+    let mut cx = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let Poll::Ready(v) = future.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// An idempotent producer: messages are written once each, in order per partition.
+pub struct Producer_ {
+    inner: ThreadedProducer<DefaultProducerContext>,
+}
+
+pub fn producer() -> Producer_ {
+    let inner = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .expect("producer");
+    Producer_ { inner }
+}
+
+impl Producer_ {
+    pub fn send(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+    ) {
+        let mut record: BaseRecord<[u8], [u8]> = BaseRecord::to(topic);
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(v) = payload {
+            record = record.payload(v);
+        }
+        let mut record = record;
+        loop {
+            match self.inner.send(record) {
+                Ok(()) => return,
+                Err((e, r))
+                    if e.rdkafka_error_code()
+                        == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
+                {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err((e, _)) => panic!("produce to {topic}: {e}"),
+            }
+        }
+    }
+
+    pub fn send_json(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: &str,
+        value: &serde_json::Value,
+    ) {
+        self.send(
+            topic,
+            partition,
+            Some(key.as_bytes()),
+            Some(value.to_string().as_bytes()),
+        );
+    }
+
+    pub fn flush(&self) {
+        self.inner
+            .flush(Duration::from_secs(60))
+            .expect("flush producer");
+    }
+}
+
+/// Polls `condition` until it holds, or panics naming `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn count(client: &mut Client, sql: &str) -> i64 {
+    client
+        .query_one(sql, &[])
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or(-1)
+}
+
+/// Waits until `sql` (a count) returns `expected`, reconnecting as needed; panics with the
+/// last value on timeout.
+pub fn wait_for_count(sql: &str, expected: i64, timeout: Duration) {
+    let mut last = -1;
+    let mut client = pg();
+    let deadline = Instant::now() + timeout;
+    loop {
+        last = match client.query_one(sql, &[]) {
+            Ok(r) => r.get::<_, i64>(0),
+            Err(_) => {
+                client = pg();
+                last
+            }
+        };
+        if last == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?}: `{sql}` is {last}, expected {expected}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// PIDs of the running workers of a subscription.
+pub fn worker_pids(client: &mut Client, subscription: &str) -> Vec<i32> {
+    let rows = client
+        .query(
+            "SELECT DISTINCT pid FROM kafka.subscription_status WHERE subscription = $1 AND pid IS NOT NULL",
+            &[&subscription],
+        )
+        .unwrap_or_default();
+    rows.iter().map(|r| r.get::<_, i32>(0)).collect()
+}
+
+/// Every message of a topic, read with read_committed isolation from the beginning.
+pub fn consume_all(
+    topic: &str,
+    expected_at_least: usize,
+    timeout: Duration,
+) -> Vec<(i32, i64, Option<Vec<u8>>, Option<Vec<u8>>)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    let mut quiet_since = Instant::now();
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                out.push((
+                    m.partition(),
+                    m.offset(),
+                    m.key().map(<[u8]>::to_vec),
+                    m.payload().map(<[u8]>::to_vec),
+                ));
+                quiet_since = Instant::now();
+            }
+            Some(Err(e)) => panic!("consuming {topic}: {e}"),
+            None if out.len() >= expected_at_least
+                && quiet_since.elapsed() > Duration::from_secs(2) =>
+            {
+                break
+            }
+            None => {}
+        }
+    }
+    out
+}
+
+/// Creates a subscription `name` from `topic` into `table`; `extra` adds named arguments
+/// (", format => 'text'").
+pub fn create_subscription(client: &mut Client, name: &str, topic: &str, table: &str, extra: &str) {
+    client
+        .batch_execute(&format!(
+            "SELECT kafka.create_subscription(name => '{name}', brokers => '{}', topic => '{topic}', \
+             target => '{table}'::regclass, batch_timeout_ms => 20{extra})",
+            brokers()
+        ))
+        .unwrap_or_else(|e| panic!("create_subscription {name}: {e}"));
+}
+
+/// Drops a subscription and waits until its workers are gone.
+pub fn drop_subscription(client: &mut Client, name: &str) {
+    client
+        .batch_execute(&format!("SELECT kafka.drop_subscription('{name}')"))
+        .unwrap();
+    wait_for(
+        "workers of a dropped subscription to exit",
+        Duration::from_secs(30),
+        || {
+            count(
+            client,
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_kafka_bridge subscription' AND application_name = '{name}'"),
+        ) == 0
+        },
+    );
+}
+
+/// The subscription's status rows as text, for assertion messages.
+pub fn status(client: &mut Client, subscription: &str) -> String {
+    client
+        .query(
+            "SELECT coalesce(worker::text, '-'), coalesce(pid::text, '-'), state, coalesce(partition::text, '-'), \
+                    coalesce(next_offset::text, '-'), coalesce(last_error, '') \
+               FROM kafka.subscription_status WHERE subscription = $1",
+            &[&subscription],
+        )
+        .map(|rows| {
+            rows.iter()
+                .map(|r| {
+                    (0..6).map(|i| r.get::<_, String>(i)).collect::<Vec<_>>().join(" | ")
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_else(|e| e.to_string())
+}
+
+/// The last error a subscription's workers report, if any.
+pub fn last_error(client: &mut Client, subscription: &str) -> Option<String> {
+    client
+        .query_one(
+            "SELECT max(last_error) FROM kafka.subscription_status WHERE subscription = $1",
+            &[&subscription],
+        )
+        .ok()
+        .and_then(|r| r.get::<_, Option<String>>(0))
+}
