@@ -62,11 +62,12 @@ impl Subscription {
     }
 
     fn load(condition: &str, arg: DatumWithOid) -> Result<Option<Subscription>> {
-        Spi::connect(|client| {
+        // Read-write, so that the condition may lock the row (FOR UPDATE).
+        Spi::connect_mut(|client| {
             let sql = format!(
                 "SELECT {SUBSCRIPTION_COLUMNS} FROM kafka.subscription_catalog WHERE {condition}"
             );
-            let table = client.select(&sql, Some(1), &[arg])?;
+            let table = client.update(&sql, Some(1), &[arg])?;
             match table.into_iter().next() {
                 Some(row) => Subscription::from_row(&row).map(Some),
                 None => Ok(None),
