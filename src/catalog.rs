@@ -154,6 +154,20 @@ impl Subscription {
     }
 }
 
+/// The first column of the first row of `sql`, or `None` when it returns no row.
+pub fn query_optional<T: FromDatum + IntoDatum>(
+    sql: &str,
+    args: &[DatumWithOid],
+) -> Result<Option<T>> {
+    Spi::connect(|client| {
+        let table = client.select(sql, Some(1), args)?;
+        if table.is_empty() {
+            return Ok(None);
+        }
+        Ok(table.first().get_one::<T>()?)
+    })
+}
+
 /// `(id, workers)` of every enabled subscription.
 pub fn enabled_subscriptions() -> Result<Vec<(i32, i32)>> {
     Spi::connect(|client| {

@@ -6,7 +6,7 @@
 use super::copy::copy_rows;
 use super::target::Target;
 use crate::catalog::{self, DeadLetter, Subscription};
-use crate::error::Result;
+use crate::error::{BridgeError, Result};
 use crate::format::{EncodedBatch, Message, Mode, STAGING_ORDINAL, STAGING_TOMBSTONE};
 use crate::security::run_as;
 use crate::worker;
@@ -215,11 +215,15 @@ fn create_staging(subscription: &Subscription, target: &Target) -> Result<pg_sys
             None,
             &[],
         )?;
-        let owner = Spi::get_one_with_args::<String>(
+        let owner = catalog::query_optional::<String>(
             "SELECT pg_catalog.quote_ident(rolname) FROM pg_catalog.pg_roles WHERE oid = $1",
             &[subscription.owner.into()],
         )?
-        .unwrap_or_default();
+        .ok_or_else(|| {
+            BridgeError::InsufficientPrivilege(
+                "the owner of the subscription no longer exists".into(),
+            )
+        })?;
         client.update(
             &format!("GRANT SELECT ON pg_temp.{STAGING_TABLE} TO {owner}"),
             None,

@@ -123,6 +123,8 @@ impl SubscriptionWorker {
                 if self.owned(&session.source.partitions()?, subscription.workers) != partitions {
                     return Ok(SessionEnd::Restart);
                 }
+                // The broker answered: whatever it reported before has passed.
+                shmem::update(self.id, |slot| slot.state = WorkerState::Running);
                 next_refresh = Instant::now() + settings::metadata_refresh();
             }
             let polled = collect(session.source, batch_size, batch_timeout)?;

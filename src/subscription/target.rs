@@ -1,6 +1,7 @@
 //! The table a subscription writes: finding it by name, describing its columns, and checking
 //! that the subscription's owner may write it.
 
+use crate::catalog;
 use crate::error::{BridgeError, Result};
 use crate::format::{ColumnInfo, Format, Mode, TargetShape, ValueKind};
 use pgrx::prelude::*;
@@ -26,7 +27,7 @@ impl Target {
             spi::quote_identifier(schema),
             spi::quote_identifier(table)
         );
-        let relid = Spi::get_one_with_args::<pg_sys::Oid>(
+        let relid = catalog::query_optional::<pg_sys::Oid>(
             "SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
             &[schema.into(), table.into()],

@@ -2,11 +2,12 @@
 //!
 //!   pgkb-kafka create-topic TOPIC PARTITIONS
 //!   pgkb-kafka produce-orders TOPIC COUNT [FIRST_ID]
+//!   pgkb-kafka count TOPIC          messages a read_committed consumer sees
 //!
 //! Orders are JSON objects of about 120 bytes with five fields (id bigint, customer text,
 //! amount numeric, created_at timestamptz, payload jsonb), keyed by id.
 
-use pg_kafka_bridge_e2e::{create_topic, producer};
+use pg_kafka_bridge_e2e::{consume_all, create_topic, producer};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -21,6 +22,10 @@ fn main() {
             topic,
             count.parse().expect("COUNT is a number"),
             first.parse().expect("FIRST_ID is a number"),
+        ),
+        ["count", topic] => println!(
+            "{}",
+            consume_all(topic, 0, std::time::Duration::from_secs(10)).len()
         ),
         _ => {
             eprintln!("usage: pgkb-kafka create-topic TOPIC PARTITIONS | produce-orders TOPIC COUNT [FIRST_ID]");
