@@ -95,7 +95,8 @@ fn kill_minus_nine_and_immediate_stops_lose_and_duplicate_nothing() {
         let (topic, producing, total) = (topic.clone(), producing.clone(), plan.messages);
         std::thread::spawn(move || {
             let p = producer();
-            let chunk = (total / 40).max(1);
+            // A steady stream for the whole kill phase: about a minute in the bounded variant.
+            let chunk = (total / 400).max(1);
             let mut id = 0;
             while id < total {
                 for _ in 0..chunk.min(total - id) {
@@ -108,7 +109,7 @@ fn kill_minus_nine_and_immediate_stops_lose_and_duplicate_nothing() {
                     id += 1;
                 }
                 p.flush();
-                std::thread::sleep(Duration::from_millis(150));
+                std::thread::sleep(Duration::from_millis(120));
             }
             producing.store(false, Ordering::SeqCst);
         })
