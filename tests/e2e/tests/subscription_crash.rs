@@ -125,26 +125,44 @@ fn kill_minus_nine_and_immediate_stops_lose_and_duplicate_nothing() {
         std::thread::sleep(Duration::from_millis(200 + rng.below(1500)));
         let pids = running_workers(&mut pg, &sub);
         if let Some(&pid) = pids.get(rng.below(pids.len().max(1) as u64) as usize) {
+            let streaming = producing.load(Ordering::SeqCst);
             let killed = Command::new("kill")
                 .args(["-9", &pid.to_string()])
                 .status()
                 .unwrap()
                 .success();
-            events.push(format!("kill -9 {pid}: {killed}"));
+            events.push(format!(
+                "kill -9 {pid} while streaming={streaming}: {killed}"
+            ));
         }
         pg = pg_kafka_bridge_e2e::pg();
     }
     for _ in 0..plan.server_stops {
         std::thread::sleep(Duration::from_millis(500 + rng.below(2000)));
+        let streaming = producing.load(Ordering::SeqCst);
         script("cluster", &["kill"]);
         script("cluster", &["start"]);
-        events.push("immediate stop and start".into());
+        events.push(format!(
+            "immediate stop and start while streaming={streaming}"
+        ));
         pg = pg_kafka_bridge_e2e::pg();
     }
     println!("{}", events.join("\n"));
+    let kills_while_streaming = events
+        .iter()
+        .filter(|e| e.contains("streaming=true: true"))
+        .count();
     assert!(
-        events.iter().filter(|e| e.contains(": true")).count() >= plan.kills,
-        "{events:?}"
+        kills_while_streaming >= plan.kills,
+        "every kill must hit a live stream: {events:?}"
+    );
+    let stops_while_streaming = events
+        .iter()
+        .filter(|e| e.starts_with("immediate") && e.contains("streaming=true"))
+        .count();
+    assert!(
+        stops_while_streaming >= plan.server_stops,
+        "every stop must hit a live stream: {events:?}"
     );
 
     producer_thread.join().unwrap();
