@@ -12,8 +12,8 @@ say "installing prerequisites"
 bash scripts/setup.sh
 say "building and installing the extension"
 bash scripts/install.sh
-cargo build --quiet --release -p pg_kafka_bridge_e2e --bin pgkb-kafka
-tool=target/release/pgkb-kafka
+cargo build --quiet --profile e2e -p pg_kafka_bridge_e2e --bin pgkb-kafka
+tool=target/e2e/pgkb-kafka
 say "starting the broker ($KAFKA_BROKERS) and PostgreSQL ($PGHOST:$PGPORT)"
 bash scripts/broker.sh start
 bash scripts/cluster.sh start

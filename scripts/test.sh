@@ -20,4 +20,6 @@ echo "== end-to-end tests (real cluster, real broker)"
 bash scripts/install.sh
 bash scripts/broker.sh start
 bash scripts/cluster.sh start
-cargo test -p pg_kafka_bridge_e2e --release -- --test-threads=1
+echo "== SQL regression suite (pg_test/)"
+bash scripts/regress.sh
+cargo test -p pg_kafka_bridge_e2e --profile e2e -- --test-threads=1

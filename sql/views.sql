@@ -16,7 +16,9 @@ CREATE VIEW subscription_status AS
 SELECT s.name AS subscription,
        w.worker,
        w.pid,
-       CASE WHEN NOT s.enabled THEN 'stopped' ELSE coalesce(w.state, 'starting') END AS state,
+       CASE WHEN NOT s.enabled THEN 'stopped'
+            WHEN current_database() <> current_setting('pg_kafka_bridge.database') THEN 'inactive'
+            ELSE coalesce(w.state, 'starting') END AS state,
        s.topic,
        w.partition,
        w.next_offset,

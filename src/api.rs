@@ -52,6 +52,18 @@ fn create_subscription(
     validate(&subscription, &target).or_raise();
     as_catalog_owner(|| subscription.insert()).or_raise();
     launcher::wake_at_commit();
+    let database = crate::settings::database();
+    if current_database() != database {
+        warning!(
+            "subscription \"{name}\" will not run in this database: workers run only in database \"{database}\" (pg_kafka_bridge.database)"
+        );
+    }
+}
+
+fn current_database() -> String {
+    unsafe { std::ffi::CStr::from_ptr(pg_sys::get_database_name(pg_sys::MyDatabaseId)) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn validate(s: &Subscription, target: &PgRelation) -> Result<()> {
@@ -204,7 +216,11 @@ fn worker_status() -> TableIterator<
             .flatten()
     };
     let mut rows = Vec::new();
-    for (_, slot) in shmem::snapshot() {
+    let database = unsafe { pg_sys::MyDatabaseId };
+    for (_, slot) in shmem::snapshot()
+        .into_iter()
+        .filter(|(_, s)| s.database == database)
+    {
         let kind = match slot.kind {
             WorkerKind::Subscription => "subscription",
         };

@@ -59,6 +59,8 @@ pub struct WorkerSlot {
     pub in_use: bool,
     pub generation: u64,
     pub kind: WorkerKind,
+    /// Database of the catalog that `object_id` refers to.
+    pub database: pg_sys::Oid,
     pub object_id: i32,
     pub worker_index: i32,
     pub pid: i32,
@@ -78,6 +80,7 @@ impl WorkerSlot {
         in_use: false,
         generation: 0,
         kind: WorkerKind::Subscription,
+        database: pg_sys::Oid::INVALID,
         object_id: 0,
         worker_index: 0,
         pid: 0,
@@ -179,7 +182,8 @@ impl SlotId {
     }
 }
 
-/// Claims a free slot for a worker the launcher is about to start.
+/// Claims a free slot for a worker the launcher is about to start, for an object of the
+/// launcher's database.
 pub fn claim(kind: WorkerKind, object_id: i32, worker_index: i32) -> Option<SlotId> {
     let mut reg = REGISTRY.exclusive();
     let generation = reg.next_generation;
@@ -189,6 +193,7 @@ pub fn claim(kind: WorkerKind, object_id: i32, worker_index: i32) -> Option<Slot
         in_use: true,
         generation,
         kind,
+        database: unsafe { pg_sys::MyDatabaseId },
         object_id,
         worker_index,
         started_at: unsafe { pg_sys::GetCurrentTimestamp() },

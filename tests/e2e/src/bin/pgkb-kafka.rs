@@ -9,6 +9,9 @@
 
 use pg_kafka_bridge_e2e::{consume_all, create_topic, producer};
 
+#[path = "../orders.rs"]
+mod orders;
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
@@ -34,20 +37,6 @@ fn main() {
     }
 }
 
-pub fn order_json(id: i64) -> String {
-    format!(
-        r#"{{"id":{id},"customer":"customer-{:05}","amount":{}.{:02},"created_at":"2026-11-{:02}T{:02}:{:02}:00Z","payload":{{"sku":"SKU-{:06}","qty":{}}}}}"#,
-        id % 50_000,
-        id % 10_000,
-        id % 100,
-        1 + id % 28,
-        id % 24,
-        id % 60,
-        id % 1_000_000,
-        1 + id % 9
-    )
-}
-
 fn produce_orders(topic: &str, count: i64, first: i64) {
     let p = producer();
     for id in first..first + count {
@@ -55,7 +44,7 @@ fn produce_orders(topic: &str, count: i64, first: i64) {
             topic,
             None,
             Some(id.to_string().as_bytes()),
-            Some(order_json(id).as_bytes()),
+            Some(orders::order_json(id).as_bytes()),
         );
     }
     p.flush();

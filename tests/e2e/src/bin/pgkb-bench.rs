@@ -1,0 +1,236 @@
+//! Benchmark of the Kafka-to-PostgreSQL path against its baseline, measured side by side:
+//!
+//! 1. backlog: N JSON orders (~120 bytes, 5 columns) are produced first; a subscription then
+//!    ingests them into an empty table, timed from its creation to the last row. In the same
+//!    run the same rows are loaded with `COPY ... FROM STDIN` into an identical empty table.
+//! 2. streaming: a second subscription consumes while N more orders are being produced, to
+//!    show the worker's memory while it keeps up with a live stream.
+//!
+//! Memory is the worker's private resident memory (RssAnon, sampled every 50 ms): a backend's
+//! plain RSS also counts the shared buffers it touched, which belong to the whole server.
+//!
+//!   pgkb-bench [MESSAGES]        (default 1000000)
+
+use pg_kafka_bridge_e2e::*;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[path = "../orders.rs"]
+mod orders;
+
+const TABLE_COLUMNS: &str =
+    "id bigint PRIMARY KEY, customer text, amount numeric(12,2), created_at timestamptz, payload jsonb";
+
+fn main() {
+    let messages: i64 = std::env::args()
+        .nth(1)
+        .map(|s| s.parse().expect("MESSAGES is a number"))
+        .unwrap_or(1_000_000);
+    let mut pg = pg();
+    let topic = unique("bench");
+    create_topic(&topic, 4);
+    println!("producing {messages} orders to {topic} (4 partitions)...");
+    let started = Instant::now();
+    let p = producer();
+    for id in 0..messages {
+        p.send(
+            &topic,
+            None,
+            Some(id.to_string().as_bytes()),
+            Some(orders::order_json(id).as_bytes()),
+        );
+    }
+    p.flush();
+    println!(
+        "  produced in {:.1} s; letting the broker settle",
+        started.elapsed().as_secs_f64()
+    );
+    std::thread::sleep(Duration::from_secs(15));
+
+    // Baseline: COPY FROM STDIN of the same rows into an identical empty table.
+    let copy_table = unique("bench_copy");
+    pg.batch_execute(&format!(
+        "CREATE TABLE {copy_table} ({TABLE_COLUMNS}); CHECKPOINT"
+    ))
+    .unwrap();
+    let started = Instant::now();
+    let mut writer = pg
+        .copy_in(&format!("COPY {copy_table} FROM STDIN"))
+        .unwrap();
+    let mut buf = Vec::with_capacity(1 << 20);
+    for id in 0..messages {
+        orders::order_copy_line(id, &mut buf);
+        if buf.len() > (1 << 20) - 512 {
+            writer.write_all(&buf).unwrap();
+            buf.clear();
+        }
+    }
+    writer.write_all(&buf).unwrap();
+    writer.finish().unwrap();
+    let copy_secs = started.elapsed().as_secs_f64();
+    assert_eq!(
+        count(&mut pg, &format!("SELECT count(*) FROM {copy_table}")),
+        messages
+    );
+    pg.batch_execute("CHECKPOINT").unwrap();
+
+    // The subscription, from the backlog.
+    let table = unique("bench_sub");
+    let sub = unique("bench");
+    pg.batch_execute(&format!("CREATE TABLE {table} ({TABLE_COLUMNS})"))
+        .unwrap();
+    // The local broker answers a fetch with the whole rest of the topic, whatever the fetch
+    // limits: the largest response must fit.
+    let options = if brokers() == "127.0.0.1:19092" {
+        r#"{"receive.message.max.bytes": "2000000000"}"#
+    } else {
+        "{}"
+    };
+    let started = Instant::now();
+    create_subscription(
+        &mut pg,
+        &sub,
+        &topic,
+        &table,
+        &format!(", options => '{options}'"),
+    );
+    let sampler = MemorySampler::start(&sub);
+    wait_for_count(
+        &format!("SELECT count(*) FROM {table}"),
+        messages,
+        Duration::from_secs(600),
+    );
+    let sub_secs = started.elapsed().as_secs_f64();
+    let backlog_memory = sampler.stop();
+    assert_eq!(
+        count(&mut pg, &format!("SELECT count(DISTINCT id) FROM {table}")),
+        messages
+    );
+    drop_subscription(&mut pg, &sub);
+
+    // Streaming: the worker consumes while the producer writes.
+    let stream_topic = unique("bench_stream");
+    create_topic(&stream_topic, 4);
+    let stream_table = unique("bench_stream");
+    let stream_sub = unique("bench_stream");
+    pg.batch_execute(&format!("CREATE TABLE {stream_table} ({TABLE_COLUMNS})"))
+        .unwrap();
+    create_subscription(&mut pg, &stream_sub, &stream_topic, &stream_table, "");
+    wait_for("the streaming worker", Duration::from_secs(30), || {
+        !worker_pids(&mut pg, &stream_sub).is_empty()
+    });
+    let sampler = MemorySampler::start(&stream_sub);
+    let started = Instant::now();
+    let p = producer();
+    for id in 0..messages {
+        p.send(
+            &stream_topic,
+            None,
+            Some(id.to_string().as_bytes()),
+            Some(orders::order_json(id).as_bytes()),
+        );
+    }
+    p.flush();
+    wait_for_count(
+        &format!("SELECT count(*) FROM {stream_table}"),
+        messages,
+        Duration::from_secs(600),
+    );
+    let stream_secs = started.elapsed().as_secs_f64();
+    let stream_memory = sampler.stop();
+    drop_subscription(&mut pg, &stream_sub);
+    pg.batch_execute(&format!("DROP TABLE {copy_table}, {table}, {stream_table}"))
+        .unwrap();
+
+    let rate = |secs: f64| messages as f64 / secs;
+    println!();
+    println!("rows: {messages} JSON orders of ~120 bytes, 5 columns, primary key");
+    println!(
+        "COPY FROM STDIN (baseline):      {:>9.0} rows/s  ({copy_secs:.2} s)",
+        rate(copy_secs)
+    );
+    println!(
+        "subscription, from a backlog:    {:>9.0} rows/s  ({sub_secs:.2} s)",
+        rate(sub_secs)
+    );
+    println!(
+        "ratio subscription / COPY:       {:>9.2}",
+        copy_secs / sub_secs
+    );
+    println!("subscription, live stream:       {:>9.0} rows/s  (producer and worker together, {stream_secs:.2} s)", rate(stream_secs));
+    println!(
+        "worker peak memory, live stream: {:>9.1} MB private (RssAnon)",
+        stream_memory.0
+    );
+    println!(
+        "worker peak memory, backlog:     {:>9.1} MB private (RssAnon; includes the local broker's whole-backlog fetch responses)",
+        backlog_memory.0
+    );
+    println!(
+        "worker peak RSS incl. shared buffers touched (VmHWM): {:.1} MB stream, {:.1} MB backlog",
+        stream_memory.1, backlog_memory.1
+    );
+}
+
+/// Samples the private resident memory of a subscription's workers until stopped.
+struct MemorySampler {
+    running: Arc<AtomicBool>,
+    peak_anon_kb: Arc<AtomicU64>,
+    peak_hwm_kb: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl MemorySampler {
+    fn start(subscription: &str) -> MemorySampler {
+        let running = Arc::new(AtomicBool::new(true));
+        let peak_anon_kb = Arc::new(AtomicU64::new(0));
+        let peak_hwm_kb = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (running, anon, hwm, subscription) = (
+                running.clone(),
+                peak_anon_kb.clone(),
+                peak_hwm_kb.clone(),
+                subscription.to_string(),
+            );
+            std::thread::spawn(move || {
+                let mut pg = pg();
+                while running.load(Ordering::SeqCst) {
+                    for pid in worker_pids(&mut pg, &subscription) {
+                        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                            .unwrap_or_default();
+                        anon.fetch_max(status_kb(&status, "RssAnon:"), Ordering::SeqCst);
+                        hwm.fetch_max(status_kb(&status, "VmHWM:"), Ordering::SeqCst);
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+        };
+        MemorySampler {
+            running,
+            peak_anon_kb,
+            peak_hwm_kb,
+            thread,
+        }
+    }
+
+    /// Peak private RSS and peak total RSS, in MB.
+    fn stop(self) -> (f64, f64) {
+        self.running.store(false, Ordering::SeqCst);
+        self.thread.join().unwrap();
+        (
+            self.peak_anon_kb.load(Ordering::SeqCst) as f64 / 1024.0,
+            self.peak_hwm_kb.load(Ordering::SeqCst) as f64 / 1024.0,
+        )
+    }
+}
+
+fn status_kb(status: &str, field: &str) -> u64 {
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
