@@ -5,7 +5,7 @@
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 
-dir="$PGKB_STATE/broker"
+dir="$PGKB_BROKER_DIR"
 pidfile="$dir/pid"
 port="${PGKB_LOCAL_BROKER##*:}"
 

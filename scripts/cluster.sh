@@ -6,7 +6,7 @@
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 
-log="$PGKB_STATE/cluster.log"
+log="$PGKB_PGDATA.log"
 
 init() {
   [ -f "$PGKB_PGDATA/PG_VERSION" ] && return 0

@@ -17,7 +17,8 @@ export NOIDA_VENV="${NOIDA_VENV:-/opt/pg_kafka_bridge/noida-venv}"
 # The one place the broker address comes from. Point it at a real Kafka cluster to run the
 # demo and the tests there; the local broker is started only for the default address.
 export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:19092}"
-export PGKB_LOCAL_BROKER=127.0.0.1:19092
+export PGKB_LOCAL_BROKER="${PGKB_LOCAL_BROKER:-127.0.0.1:19092}"
+export PGKB_BROKER_DIR="${PGKB_BROKER_DIR:-$PGKB_STATE/broker}"
 export PATH="$HOME/.cargo/bin:$PATH"
 
 noida_bin() {

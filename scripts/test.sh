@@ -5,21 +5,36 @@
 # Set PGKB_SOAK=1 for the long variants of the crash tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The tests get a cluster and a broker of their own, created afresh on each run, so that
+# nothing left by the demo or by an earlier run takes worker slots or broker time.
+export PGKB_PGDATA="${PGKB_TEST_PGDATA:-/var/lib/pg_kafka_bridge/test-cluster}"
+export PGPORT="${PGKB_TEST_PGPORT:-5498}"
+export PGKB_BROKER_DIR=/var/lib/pg_kafka_bridge/test-broker
+export PGKB_LOCAL_BROKER=127.0.0.1:19094
+export KAFKA_BROKERS="${KAFKA_BROKERS:-$PGKB_LOCAL_BROKER}"
 source scripts/env.sh
 
 bash scripts/setup.sh
 
 echo "== unit and SQL API tests (cargo pgrx test)"
-# The test run replaces the installed library: stop the cluster that preloads it first.
+# The test run replaces the installed library in place: stop every cluster that preloads it.
 bash scripts/cluster.sh stop
+PGKB_PGDATA="$PGKB_STATE/cluster" bash scripts/cluster.sh stop
 mkdir -p "$PGKB_STATE/pgrx-test"
 chown "$PGKB_OS_USER" "$PGKB_STATE/pgrx-test"
-cargo pgrx test pg15 --runas "$PGKB_OS_USER" --pgdata "$PGKB_STATE/pgrx-test"
+results=$(mktemp)
+cargo pgrx test pg15 --runas "$PGKB_OS_USER" --pgdata "$PGKB_STATE/pgrx-test" 2>&1 | tee -a "$results"
 
 echo "== end-to-end tests (real cluster, real broker)"
 bash scripts/install.sh
+bash scripts/broker.sh stop
+rm -rf "$PGKB_BROKER_DIR"
 bash scripts/broker.sh start
+bash scripts/cluster.sh stop
+rm -rf "$PGKB_PGDATA"
 bash scripts/cluster.sh start
 echo "== SQL regression suite (pg_test/)"
 bash scripts/regress.sh
-cargo test -p pg_kafka_bridge_e2e --profile e2e -- --test-threads=1
+cargo test -p pg_kafka_bridge_e2e --profile e2e --tests -- --test-threads=1 2>&1 | tee -a "$results"
+awk '/^test result:/ { passed += $4; failed += $6 } END { printf "all suites: %d passed, %d failed\n", passed, failed }' "$results"
+rm -f "$results"

@@ -6,7 +6,7 @@ use crate::catalog;
 use crate::settings;
 use crate::shmem::{self, SlotId, WorkerKind, WorkerState};
 use crate::worker;
-use pgrx::bgworkers::{BackgroundWorkerBuilder, DynamicBackgroundWorker};
+use pgrx::bgworkers::{BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker};
 use pgrx::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -72,12 +72,17 @@ impl Launcher {
             .flat_map(|(id, workers)| (0..workers).map(move |i| (id, i)))
             .collect();
 
+        // A worker that exited without releasing its slot (it failed before attaching) must
+        // not hold the slot: release it so that the worker is started again.
         self.handles.retain(|id, handle| {
-            let running = handle.pid().is_ok();
-            if !running {
+            let gone = matches!(
+                handle.pid(),
+                Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied)
+            );
+            if gone {
                 shmem::release(*id);
             }
-            running
+            !gone
         });
 
         let now = unsafe { pg_sys::GetCurrentTimestamp() };

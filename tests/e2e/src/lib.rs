@@ -3,6 +3,8 @@
 //! (`PGHOST`, `PGPORT`, `KAFKA_BROKERS`; `scripts/env.sh` sets the defaults). The cluster is
 //! controlled through `scripts/cluster.sh`, the local broker through `scripts/broker.sh`.
 
+pub mod orders;
+
 use postgres::{Client, NoTls};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -16,6 +18,11 @@ use std::time::{Duration, Instant};
 
 pub fn brokers() -> String {
     std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+/// Whether the broker is the local one that `scripts/broker.sh` controls.
+pub fn local_broker() -> bool {
+    std::env::var("PGKB_LOCAL_BROKER").is_ok_and(|local| local == brokers())
 }
 
 fn env_or(name: &str, default: &str) -> String {
@@ -371,4 +378,24 @@ pub fn last_error(client: &mut Client, subscription: &str) -> Option<String> {
         )
         .ok()
         .and_then(|r| r.get::<_, Option<String>>(0))
+}
+
+/// Grows a topic to `total` partitions.
+pub fn add_partitions(topic: &str, total: usize) {
+    use rdkafka::admin::NewPartitions;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = block_on(admin.create_partitions([&NewPartitions::new(topic, total)], &options))
+        .expect("create partitions");
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("adding partitions to {t}: {e}"));
+    }
+    wait_for(
+        &format!("topic {topic} with {total} partitions"),
+        Duration::from_secs(30),
+        || partition_count(topic) == total as i32,
+    );
 }

@@ -241,3 +241,53 @@ fn stop_is_prompt_and_start_resumes_where_it_stopped() {
     );
     drop_subscription(&mut pg, &sub);
 }
+
+#[test]
+fn partitions_added_while_running_are_consumed_from_their_start() {
+    let mut pg = pg();
+    let (topic, table, sub) = (unique("grow"), unique("grow"), unique("sub"));
+    create_topic(&topic, 1);
+    pg.batch_execute(&format!(
+        "CREATE TABLE {table} (id bigint PRIMARY KEY, _kafka_partition int)"
+    ))
+    .unwrap();
+    create_subscription(&mut pg, &sub, &topic, &table, ", start_from => 'latest'");
+    wait_for("the worker to store its start position", WAIT, || {
+        count(
+            &mut pg,
+            &format!("SELECT count(*) FROM kafka.offsets WHERE subscription = '{sub}'"),
+        ) == 1
+    });
+    let p = producer();
+    p.send_json(&topic, Some(0), "0", &json!({"id": 0}));
+    p.flush();
+    wait_for_count(&format!("SELECT count(*) FROM {table}"), 1, WAIT);
+    add_partitions(&topic, 3);
+    // Written before the worker notices the new partitions: still consumed, since partitions
+    // found later start at their beginning whatever start_from says.
+    for i in 1..=20i64 {
+        p.send_json(
+            &topic,
+            Some((i % 3) as i32),
+            &i.to_string(),
+            &json!({"id": i}),
+        );
+    }
+    p.flush();
+    wait_for_count(&format!("SELECT count(*) FROM {table}"), 21, WAIT);
+    assert_eq!(
+        count(
+            &mut pg,
+            &format!("SELECT count(DISTINCT _kafka_partition) FROM {table}")
+        ),
+        3
+    );
+    assert_eq!(
+        count(
+            &mut pg,
+            &format!("SELECT count(*) FROM kafka.offsets WHERE subscription = '{sub}'")
+        ),
+        3
+    );
+    drop_subscription(&mut pg, &sub);
+}

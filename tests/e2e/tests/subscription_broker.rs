@@ -25,7 +25,7 @@ fn broker_restart_mid_stream_loses_and_duplicates_nothing() {
     wait_for_count(&format!("SELECT count(*) FROM {table}"), 500, WAIT);
     drop(p);
     script("broker", &["stop"]);
-    if brokers() == "127.0.0.1:19092" {
+    if local_broker() {
         wait_for("the status view to show the broker is down", WAIT, || {
             last_error(&mut pg, &sub).is_some_and(|e| e.contains("Kafka"))
         });

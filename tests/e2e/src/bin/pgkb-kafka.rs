@@ -7,10 +7,7 @@
 //! Orders are JSON objects of about 120 bytes with five fields (id bigint, customer text,
 //! amount numeric, created_at timestamptz, payload jsonb), keyed by id.
 
-use pg_kafka_bridge_e2e::{consume_all, create_topic, producer};
-
-#[path = "../orders.rs"]
-mod orders;
+use pg_kafka_bridge_e2e::{consume_all, create_topic, orders, producer};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
