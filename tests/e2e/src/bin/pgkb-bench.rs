@@ -95,7 +95,7 @@ fn main() {
         &sub,
         &topic,
         &table,
-        &format!(", options => '{options}'"),
+        &format!(", options => '{options}'{}", batch_size_argument()),
     );
     let sampler = MemorySampler::start(&sub);
     let non_empty = format!("SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT 1) t");
@@ -124,7 +124,13 @@ fn main() {
     let stream_sub = unique("bench_stream");
     pg.batch_execute(&format!("CREATE TABLE {stream_table} ({TABLE_COLUMNS})"))
         .unwrap();
-    create_subscription(&mut pg, &stream_sub, &stream_topic, &stream_table, "");
+    create_subscription(
+        &mut pg,
+        &stream_sub,
+        &stream_topic,
+        &stream_table,
+        &batch_size_argument(),
+    );
     wait_for("the streaming worker", Duration::from_secs(30), || {
         !worker_pids(&mut pg, &stream_sub).is_empty()
     });
@@ -189,6 +195,13 @@ fn main() {
         "worker peak RSS incl. shared buffers touched (VmHWM): {:.1} MB stream, {:.1} MB backlog",
         stream_memory.1, backlog_memory.1
     );
+}
+
+/// `PGKB_BENCH_BATCH_SIZE` sets the subscriptions' batch size (default: the extension's).
+fn batch_size_argument() -> String {
+    std::env::var("PGKB_BENCH_BATCH_SIZE")
+        .map(|n| format!(", batch_size => {n}"))
+        .unwrap_or_default()
 }
 
 /// Samples the private resident memory of a subscription's workers until stopped.
