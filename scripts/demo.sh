@@ -16,7 +16,7 @@ cargo build --quiet --profile e2e -p pg_kafka_bridge_e2e --bin pgkb-kafka
 tool=target/e2e/pgkb-kafka
 say "starting the broker ($KAFKA_BROKERS) and PostgreSQL ($PGHOST:$PGPORT)"
 bash scripts/broker.sh start
-bash scripts/cluster.sh start
+bash scripts/cluster.sh restart   # picks up a newly installed library
 
 topic="demo_orders_$(date +%s)"
 messages="${DEMO_MESSAGES:-20000}"

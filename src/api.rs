@@ -61,19 +61,12 @@ fn create_subscription(
 }
 
 fn current_database() -> String {
-    unsafe { std::ffi::CStr::from_ptr(pg_sys::get_database_name(pg_sys::MyDatabaseId)) }
-        .to_string_lossy()
-        .into_owned()
+    unsafe { std::ffi::CStr::from_ptr(pg_sys::get_database_name(pg_sys::MyDatabaseId)) }.to_string_lossy().into_owned()
 }
 
 fn validate(s: &Subscription, target: &PgRelation) -> Result<()> {
     let invalid = |m: String| Err(BridgeError::InvalidParameter(m));
-    if s.name.is_empty()
-        || s.name.len() > 63
-        || !s
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    if s.name.is_empty() || s.name.len() > 63 || !s.name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
     {
         return invalid(format!(
             "invalid subscription name \"{}\": use 1 to 63 letters, digits, '_', '.' or '-'",
@@ -85,10 +78,7 @@ fn validate(s: &Subscription, target: &PgRelation) -> Result<()> {
     }
     if s.topic.is_empty()
         || s.topic.len() > 249
-        || !s
-            .topic
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        || !s.topic.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
     {
         return invalid(format!(
             "invalid topic name \"{}\": Kafka topics use 1 to 249 letters, digits, '_', '.' or '-'",
@@ -96,64 +86,35 @@ fn validate(s: &Subscription, target: &PgRelation) -> Result<()> {
         ));
     }
     let Some(format) = Format::parse(&s.format) else {
-        return invalid(format!(
-            "unknown format \"{}\": use {}",
-            s.format,
-            Format::NAMES
-        ));
+        return invalid(format!("unknown format \"{}\": use {}", s.format, Format::NAMES));
     };
     let Some(mode) = Mode::parse(&s.mode) else {
         return invalid(format!("unknown mode \"{}\": use {}", s.mode, Mode::NAMES));
     };
     if s.start_from != "earliest" && s.start_from != "latest" {
-        return invalid(format!(
-            "unknown start_from \"{}\": use 'earliest' or 'latest'",
-            s.start_from
-        ));
+        return invalid(format!("unknown start_from \"{}\": use 'earliest' or 'latest'", s.start_from));
     }
     if !(1..=MAX_BATCH_SIZE).contains(&s.batch_size) {
-        return invalid(format!(
-            "batch_size must be between 1 and {MAX_BATCH_SIZE}, not {}",
-            s.batch_size
-        ));
+        return invalid(format!("batch_size must be between 1 and {MAX_BATCH_SIZE}, not {}", s.batch_size));
     }
     if !(0..=60_000).contains(&s.batch_timeout_ms) {
-        return invalid(format!(
-            "batch_timeout_ms must be between 0 and 60000, not {}",
-            s.batch_timeout_ms
-        ));
+        return invalid(format!("batch_timeout_ms must be between 0 and 60000, not {}", s.batch_timeout_ms));
     }
     if s.workers < 1 || s.workers > shmem::MAX_WORKERS as i32 {
-        return invalid(format!(
-            "workers must be between 1 and {}, not {}",
-            shmem::MAX_WORKERS,
-            s.workers
-        ));
+        return invalid(format!("workers must be between 1 and {}, not {}", shmem::MAX_WORKERS, s.workers));
     }
     if mode == Mode::Insert && s.key_columns.is_some() {
         return invalid("key_columns applies to mode 'upsert' only".into());
     }
     Options::from_json(&s.options)?;
-    let (relkind, persistence) = unsafe {
-        (
-            (*target.rd_rel).relkind as u8,
-            (*target.rd_rel).relpersistence as u8,
-        )
-    };
+    let (relkind, persistence) = unsafe { ((*target.rd_rel).relkind as u8, (*target.rd_rel).relpersistence as u8) };
     if relkind != pg_sys::RELKIND_RELATION && relkind != pg_sys::RELKIND_PARTITIONED_TABLE {
         return invalid(format!("\"{}\" is not a table", target.name()));
     }
     if persistence == pg_sys::RELPERSISTENCE_TEMP {
-        return invalid(format!(
-            "\"{}\" is a temporary table, which background workers cannot see",
-            target.name()
-        ));
+        return invalid(format!("\"{}\" is a temporary table, which background workers cannot see", target.name()));
     }
-    let quoted = format!(
-        "{}.{}",
-        spi::quote_identifier(target.namespace()),
-        spi::quote_identifier(target.name())
-    );
+    let quoted = format!("{}.{}", spi::quote_identifier(target.namespace()), spi::quote_identifier(target.name()));
     let target = Target::describe(target.oid(), quoted, format, mode, s.key_columns.as_deref())?;
     target.check_writable_by(s.owner)
 }
@@ -179,9 +140,7 @@ fn change_subscription(name: &str, change: impl FnOnce(&Subscription) -> Result<
     as_catalog_owner(|| {
         let subscription = Subscription::by_name_for_update(name)?;
         if !unsafe { pg_sys::has_privs_of_role(caller, subscription.owner) } {
-            return Err(BridgeError::InsufficientPrivilege(format!(
-                "must be owner of subscription \"{name}\""
-            )));
+            return Err(BridgeError::InsufficientPrivilege(format!("must be owner of subscription \"{name}\"")));
         }
         change(&subscription)
     })?;
@@ -210,17 +169,10 @@ fn worker_status() -> TableIterator<
         name!(started_at, Option<TimestampWithTimeZone>),
     ),
 > {
-    let timestamp = |t: pg_sys::TimestampTz| {
-        (t != 0)
-            .then(|| TimestampWithTimeZone::try_from(t).ok())
-            .flatten()
-    };
+    let timestamp = |t: pg_sys::TimestampTz| (t != 0).then(|| TimestampWithTimeZone::try_from(t).ok()).flatten();
     let mut rows = Vec::new();
     let database = unsafe { pg_sys::MyDatabaseId };
-    for (_, slot) in shmem::snapshot()
-        .into_iter()
-        .filter(|(_, s)| s.database == database)
-    {
+    for (_, slot) in shmem::snapshot().into_iter().filter(|(_, s)| s.database == database) {
         let kind = match slot.kind {
             WorkerKind::Subscription => "subscription",
         };
@@ -232,42 +184,30 @@ fn worker_status() -> TableIterator<
             slot.state.as_str().to_string(),
         );
         let error = slot.last_error();
-        let tail = (
-            slot.rows_per_second,
-            slot.rows_total,
-            error,
-            timestamp(slot.last_error_at),
-            timestamp(slot.started_at),
-        );
-        let partitions = slot.partitions();
-        if partitions.is_empty() {
-            rows.push((
-                common.0.clone(),
-                common.1,
-                common.2,
-                common.3,
-                common.4.clone(),
-                None,
-                None,
-                None,
-                tail.0,
-                tail.1,
-                tail.2.clone(),
-                tail.3,
-                tail.4,
-            ));
+        let tail =
+            (slot.rows_per_second, slot.rows_total, error, timestamp(slot.last_error_at), timestamp(slot.started_at));
+        // One row per partition; a worker that has none yet still gets a row.
+        let mut progress: Vec<(Option<i32>, Option<i64>, Option<i64>)> = slot
+            .partitions()
+            .iter()
+            .map(|p| {
+                let next = (p.next_offset >= 0).then_some(p.next_offset);
+                let lag =
+                    (p.next_offset >= 0 && p.high_watermark >= 0).then(|| (p.high_watermark - p.next_offset).max(0));
+                (Some(p.partition), next, lag)
+            })
+            .collect();
+        if progress.is_empty() {
+            progress.push((None, None, None));
         }
-        for p in partitions {
-            let next = (p.next_offset >= 0).then_some(p.next_offset);
-            let lag = (p.next_offset >= 0 && p.high_watermark >= 0)
-                .then(|| (p.high_watermark - p.next_offset).max(0));
+        for (partition, next, lag) in progress {
             rows.push((
                 common.0.clone(),
                 common.1,
                 common.2,
                 common.3,
                 common.4.clone(),
-                Some(p.partition),
+                partition,
                 next,
                 lag,
                 tail.0,

@@ -64,9 +64,7 @@ impl Subscription {
     fn load(condition: &str, arg: DatumWithOid) -> Result<Option<Subscription>> {
         // Read-write, so that the condition may lock the row (FOR UPDATE).
         Spi::connect_mut(|client| {
-            let sql = format!(
-                "SELECT {SUBSCRIPTION_COLUMNS} FROM kafka.subscription_catalog WHERE {condition}"
-            );
+            let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM kafka.subscription_catalog WHERE {condition}");
             let table = client.update(&sql, Some(1), &[arg])?;
             match table.into_iter().next() {
                 Some(row) => Subscription::from_row(&row).map(Some),
@@ -81,12 +79,8 @@ impl Subscription {
 
     /// Looks a subscription up by name, locking its row against concurrent changes.
     pub fn by_name_for_update(name: &str) -> Result<Subscription> {
-        Subscription::load("name = $1 FOR UPDATE", name.into())?.ok_or_else(|| {
-            BridgeError::UndefinedObject {
-                kind: "subscription",
-                name: name.into(),
-            }
-        })
+        Subscription::load("name = $1 FOR UPDATE", name.into())?
+            .ok_or_else(|| BridgeError::UndefinedObject { kind: "subscription", name: name.into() })
     }
 
     pub fn insert(&self) -> Result<i32> {
@@ -99,10 +93,7 @@ impl Subscription {
                 )?
                 .len();
             if exists > 0 {
-                return Err(BridgeError::DuplicateObject {
-                    kind: "subscription",
-                    name: self.name.clone(),
-                });
+                return Err(BridgeError::DuplicateObject { kind: "subscription", name: self.name.clone() });
             }
             let row = client.update(
                 "INSERT INTO kafka.subscription_catalog (name, owner, brokers, topic, target_schema, \
@@ -144,21 +135,14 @@ impl Subscription {
 
     pub fn delete(&self) -> Result<()> {
         Spi::connect_mut(|client| {
-            client.update(
-                "DELETE FROM kafka.subscription_catalog WHERE id = $1",
-                None,
-                &[self.id.into()],
-            )?;
+            client.update("DELETE FROM kafka.subscription_catalog WHERE id = $1", None, &[self.id.into()])?;
             Ok(())
         })
     }
 }
 
 /// The first column of the first row of `sql`, or `None` when it returns no row.
-pub fn query_optional<T: FromDatum + IntoDatum>(
-    sql: &str,
-    args: &[DatumWithOid],
-) -> Result<Option<T>> {
+pub fn query_optional<T: FromDatum + IntoDatum>(sql: &str, args: &[DatumWithOid]) -> Result<Option<T>> {
     Spi::connect(|client| {
         let table = client.select(sql, Some(1), args)?;
         if table.is_empty() {
@@ -171,29 +155,19 @@ pub fn query_optional<T: FromDatum + IntoDatum>(
 /// `(id, workers)` of every enabled subscription.
 pub fn enabled_subscriptions() -> Result<Vec<(i32, i32)>> {
     Spi::connect(|client| {
-        let table = client.select(
-            "SELECT id, workers FROM kafka.subscription_catalog WHERE enabled ORDER BY id",
-            None,
-            &[],
-        )?;
+        let table =
+            client.select("SELECT id, workers FROM kafka.subscription_catalog WHERE enabled ORDER BY id", None, &[])?;
         table
             .into_iter()
-            .map(|row| {
-                Ok((
-                    row.get::<i32>(1)?.unwrap_or_default(),
-                    row.get::<i32>(2)?.unwrap_or(1),
-                ))
-            })
+            .map(|row| Ok((row.get::<i32>(1)?.unwrap_or_default(), row.get::<i32>(2)?.unwrap_or(1))))
             .collect()
     })
 }
 
 /// Whether the extension is installed in the current database.
 pub fn extension_installed() -> Result<bool> {
-    Ok(Spi::get_one::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_kafka_bridge')",
-    )?
-    .unwrap_or(false))
+    Ok(Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_kafka_bridge')")?
+        .unwrap_or(false))
 }
 
 /// Stored positions of a subscription's partitions of `topic`.
@@ -206,34 +180,20 @@ pub fn read_offsets(subscription: &str, topic: &str) -> Result<HashMap<i32, i64>
         )?;
         table
             .into_iter()
-            .map(|row| {
-                Ok((
-                    row.get::<i32>(1)?.unwrap_or_default(),
-                    row.get::<i64>(2)?.unwrap_or_default(),
-                ))
-            })
+            .map(|row| Ok((row.get::<i32>(1)?.unwrap_or_default(), row.get::<i64>(2)?.unwrap_or_default())))
             .collect()
     })
 }
 
 /// Stores starting positions for partitions that have none yet; existing ones are kept.
-pub fn insert_missing_offsets(
-    subscription: &str,
-    topic: &str,
-    starts: &[(i32, i64)],
-) -> Result<()> {
+pub fn insert_missing_offsets(subscription: &str, topic: &str, starts: &[(i32, i64)]) -> Result<()> {
     Spi::connect_mut(|client| {
         for &(partition, offset) in starts {
             client.update(
                 "INSERT INTO kafka.offsets (subscription, topic, partition, next_offset) \
                  VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
                 None,
-                &[
-                    subscription.into(),
-                    topic.into(),
-                    partition.into(),
-                    offset.into(),
-                ],
+                &[subscription.into(), topic.into(), partition.into(), offset.into()],
             )?;
         }
         Ok(())
@@ -255,13 +215,7 @@ pub fn advance_offset(
             "UPDATE kafka.offsets SET next_offset = $5, updated_at = now() \
              WHERE subscription = $1 AND topic = $2 AND partition = $3 AND next_offset = $4",
             None,
-            &[
-                subscription.into(),
-                topic.into(),
-                partition.into(),
-                expected.into(),
-                next.into(),
-            ],
+            &[subscription.into(), topic.into(), partition.into(), expected.into(), next.into()],
         )?
         .len();
     if updated == 1 {
@@ -276,12 +230,7 @@ pub fn advance_offset(
         .first()
         .get_one::<i64>()
         .unwrap_or(None);
-    Err(BridgeError::OffsetMoved {
-        topic: topic.into(),
-        partition,
-        expected,
-        found,
-    })
+    Err(BridgeError::OffsetMoved { topic: topic.into(), partition, expected, found })
 }
 
 /// A message that could not become a row.
@@ -294,11 +243,7 @@ pub struct DeadLetter<'a> {
     pub error: &'a str,
 }
 
-pub fn insert_dead_letter(
-    client: &mut SpiClient,
-    subscription: &str,
-    letter: &DeadLetter,
-) -> Result<()> {
+pub fn insert_dead_letter(client: &mut SpiClient, subscription: &str, letter: &DeadLetter) -> Result<()> {
     client.update(
         "INSERT INTO kafka.dead_letters (subscription, topic, partition, \"offset\", key, payload, error) \
          VALUES ($1, $2, $3, $4, $5, $6, $7)",

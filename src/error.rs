@@ -24,18 +24,10 @@ pub enum BridgeError {
     Kafka(String),
     /// Another worker or a manual change moved a stored offset under this worker's feet.
     #[error("stored offset of {topic}/{partition} moved to {found:?} while this worker expected {expected}; re-reading positions")]
-    OffsetMoved {
-        topic: String,
-        partition: i32,
-        expected: i64,
-        found: Option<i64>,
-    },
+    OffsetMoved { topic: String, partition: i32, expected: i64, found: Option<i64> },
     /// An error raised by PostgreSQL while the worker was running SQL or applying rows.
     #[error("{message}")]
-    Postgres {
-        sqlstate: PgSqlErrorCode,
-        message: String,
-    },
+    Postgres { sqlstate: PgSqlErrorCode, message: String },
 }
 
 pub type Result<T, E = BridgeError> = std::result::Result<T, E>;
@@ -96,10 +88,7 @@ impl From<ErrorReportWithLevel> for BridgeError {
             message.push_str(": ");
             message.push_str(detail);
         }
-        BridgeError::Postgres {
-            sqlstate: report.sql_error_code(),
-            message,
-        }
+        BridgeError::Postgres { sqlstate: report.sql_error_code(), message }
     }
 }
 
@@ -122,9 +111,6 @@ impl<T> OrRaise<T> for Result<T> {
 
 impl From<pgrx::spi::SpiError> for BridgeError {
     fn from(e: pgrx::spi::SpiError) -> Self {
-        BridgeError::Postgres {
-            sqlstate: PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-            message: format!("SPI: {e}"),
-        }
+        BridgeError::Postgres { sqlstate: PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, message: format!("SPI: {e}") }
     }
 }

@@ -51,10 +51,7 @@ impl Options {
             let mut probe = ClientConfig::new();
             probe.set(name, value);
             if let Err(e) = probe.create_native_config() {
-                return Err(BridgeError::InvalidParameter(format!(
-                    "option \"{name}\": {}",
-                    kafka_reason(&e)
-                )));
+                return Err(BridgeError::InvalidParameter(format!("option \"{name}\": {}", kafka_reason(&e))));
             }
             pairs.push((name.clone(), value.clone()));
         }

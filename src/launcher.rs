@@ -9,6 +9,7 @@ use crate::worker;
 use pgrx::bgworkers::{BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker};
 use pgrx::prelude::*;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 const LIBRARY: &str = "pg_kafka_bridge";
@@ -67,18 +68,14 @@ impl Launcher {
                 return;
             }
         };
-        let wanted: HashSet<(i32, i32)> = wanted
-            .into_iter()
-            .flat_map(|(id, workers)| (0..workers).map(move |i| (id, i)))
-            .collect();
+        let wanted: HashSet<(i32, i32)> =
+            wanted.into_iter().flat_map(|(id, workers)| (0..workers).map(move |i| (id, i))).collect();
 
         // A worker that exited without releasing its slot (it failed before attaching) must
         // not hold the slot: release it so that the worker is started again.
         self.handles.retain(|id, handle| {
-            let gone = matches!(
-                handle.pid(),
-                Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied)
-            );
+            let gone =
+                matches!(handle.pid(), Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied));
             if gone {
                 shmem::release(*id);
             }
@@ -152,29 +149,22 @@ impl Launcher {
 /// Wakes the launcher when the current transaction commits, so that a subscription created,
 /// started or stopped in it takes effect at once, and one rolled back changes nothing.
 pub fn wake_at_commit() {
-    static REGISTERED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if !REGISTERED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+    static REGISTERED: AtomicBool = AtomicBool::new(false);
+    if !REGISTERED.swap(true, Ordering::Relaxed) {
         unsafe { pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut()) };
     }
-    WAKE_PENDING.store(true, std::sync::atomic::Ordering::Relaxed);
+    WAKE_PENDING.store(true, Ordering::Relaxed);
 }
 
-static WAKE_PENDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static WAKE_PENDING: AtomicBool = AtomicBool::new(false);
 
 #[pg_guard]
-unsafe extern "C-unwind" fn on_transaction_end(
-    event: pg_sys::XactEvent::Type,
-    _arg: *mut std::ffi::c_void,
-) {
+unsafe extern "C-unwind" fn on_transaction_end(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     match event {
-        pg_sys::XactEvent::XACT_EVENT_COMMIT => {
-            if WAKE_PENDING.swap(false, std::sync::atomic::Ordering::Relaxed) {
-                shmem::wake_launcher();
-            }
+        pg_sys::XactEvent::XACT_EVENT_COMMIT if WAKE_PENDING.swap(false, Ordering::Relaxed) => {
+            shmem::wake_launcher();
         }
-        pg_sys::XactEvent::XACT_EVENT_ABORT => {
-            WAKE_PENDING.store(false, std::sync::atomic::Ordering::Relaxed)
-        }
+        pg_sys::XactEvent::XACT_EVENT_ABORT => WAKE_PENDING.store(false, Ordering::Relaxed),
         _ => {}
     }
 }

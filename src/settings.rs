@@ -5,8 +5,7 @@ use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::ffi::CString;
 use std::time::Duration;
 
-static DATABASE: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 static LAUNCHER_NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static RETRY_BACKOFF_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 static METADATA_REFRESH_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
@@ -64,10 +63,7 @@ pub fn define() {
 }
 
 pub fn database() -> String {
-    DATABASE
-        .get()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "postgres".into())
+    DATABASE.get().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "postgres".into())
 }
 
 pub fn launcher_naptime() -> Duration {

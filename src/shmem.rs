@@ -92,17 +92,12 @@ impl WorkerSlot {
         last_error: [0; ERROR_TEXT_LEN],
         last_error_len: 0,
         partition_count: 0,
-        partitions: [PartitionProgress {
-            partition: 0,
-            next_offset: -1,
-            high_watermark: -1,
-        }; MAX_PARTITIONS_SHOWN],
+        partitions: [PartitionProgress { partition: 0, next_offset: -1, high_watermark: -1 }; MAX_PARTITIONS_SHOWN],
     };
 
     pub fn last_error(&self) -> Option<String> {
-        (self.last_error_len > 0).then(|| {
-            String::from_utf8_lossy(&self.last_error[..self.last_error_len as usize]).into_owned()
-        })
+        (self.last_error_len > 0)
+            .then(|| String::from_utf8_lossy(&self.last_error[..self.last_error_len as usize]).into_owned())
     }
 
     pub fn set_error(&mut self, message: &str) {
@@ -142,11 +137,7 @@ pub struct Registry {
 
 impl Default for Registry {
     fn default() -> Self {
-        Registry {
-            launcher_latch: 0,
-            next_generation: 1,
-            slots: [WorkerSlot::EMPTY; MAX_WORKERS],
-        }
+        Registry { launcher_latch: 0, next_generation: 1, slots: [WorkerSlot::EMPTY; MAX_WORKERS] }
     }
 }
 
@@ -175,10 +166,7 @@ impl SlotId {
     pub fn decode(s: &str) -> Option<SlotId> {
         let (index, generation) = s.split_once(':')?;
         let index = index.parse().ok().filter(|i| *i < MAX_WORKERS)?;
-        Some(SlotId {
-            index,
-            generation: generation.parse().ok()?,
-        })
+        Some(SlotId { index, generation: generation.parse().ok()? })
     }
 }
 
@@ -224,15 +212,7 @@ pub fn snapshot() -> Vec<(SlotId, WorkerSlot)> {
         .iter()
         .enumerate()
         .filter(|(_, s)| s.in_use)
-        .map(|(index, s)| {
-            (
-                SlotId {
-                    index,
-                    generation: s.generation,
-                },
-                *s,
-            )
-        })
+        .map(|(index, s)| (SlotId { index, generation: s.generation }, *s))
         .collect()
 }
 

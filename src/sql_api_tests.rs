@@ -24,33 +24,17 @@ mod tests {
             "SELECT format || '/' || mode, target, batch_size FROM kafka.subscriptions WHERE name = 's1'",
         )
         .unwrap();
-        assert_eq!(
-            row,
-            (
-                Some("json/insert".into()),
-                Some("public.t".into()),
-                Some(10000)
-            )
-        );
-        let enabled =
-            Spi::get_one::<bool>("SELECT enabled FROM kafka.subscriptions WHERE name = 's1'")
-                .unwrap();
+        assert_eq!(row, (Some("json/insert".into()), Some("public.t".into()), Some(10000)));
+        let enabled = Spi::get_one::<bool>("SELECT enabled FROM kafka.subscriptions WHERE name = 's1'").unwrap();
         assert_eq!(enabled, Some(true));
         Spi::run("SELECT kafka.stop_subscription('s1')").unwrap();
-        let enabled =
-            Spi::get_one::<bool>("SELECT enabled FROM kafka.subscriptions WHERE name = 's1'")
-                .unwrap();
+        let enabled = Spi::get_one::<bool>("SELECT enabled FROM kafka.subscriptions WHERE name = 's1'").unwrap();
         assert_eq!(enabled, Some(false));
-        let state = Spi::get_one::<String>(
-            "SELECT state FROM kafka.subscription_status WHERE subscription = 's1'",
-        )
-        .unwrap();
+        let state =
+            Spi::get_one::<String>("SELECT state FROM kafka.subscription_status WHERE subscription = 's1'").unwrap();
         assert_eq!(state.as_deref(), Some("stopped"));
         Spi::run("SELECT kafka.drop_subscription('s1')").unwrap();
-        assert_eq!(
-            Spi::get_one::<i64>("SELECT count(*) FROM kafka.subscriptions").unwrap(),
-            Some(0)
-        );
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM kafka.subscriptions").unwrap(), Some(0));
     }
 
     #[pg_test(error = "unknown format \"xml\": use 'json', 'text' or 'bytea'")]
@@ -77,9 +61,7 @@ mod tests {
         create(", options => '[1]'");
     }
 
-    #[pg_test(
-        error = "option \"no.such.property\": No such configuration property: \"no.such.property\""
-    )]
+    #[pg_test(error = "option \"no.such.property\": No such configuration property: \"no.such.property\"")]
     fn rejects_unknown_librdkafka_property() {
         create_table();
         create(", options => '{\"no.such.property\": \"1\"}'");
@@ -91,9 +73,7 @@ mod tests {
         create(", options => '{\"fetch.wait.max.ms\": 5}'");
     }
 
-    #[pg_test(
-        error = "option \"isolation.level\" is set by pg_kafka_bridge and cannot be overridden"
-    )]
+    #[pg_test(error = "option \"isolation.level\" is set by pg_kafka_bridge and cannot be overridden")]
     fn rejects_managed_option() {
         create_table();
         create(", options => '{\"isolation.level\": \"read_uncommitted\"}'");
@@ -121,10 +101,8 @@ mod tests {
     )]
     fn upsert_needs_a_key() {
         Spi::run("CREATE TABLE public.nokey (id bigint, v text)").unwrap();
-        Spi::run(
-            "SELECT kafka.create_subscription('s1', 'b:9', 't', 'public.nokey', mode => 'upsert')",
-        )
-        .unwrap_or_default();
+        Spi::run("SELECT kafka.create_subscription('s1', 'b:9', 't', 'public.nokey', mode => 'upsert')")
+            .unwrap_or_default();
     }
 
     #[pg_test(
@@ -135,9 +113,7 @@ mod tests {
         create(", format => 'text'");
     }
 
-    #[pg_test(
-        error = "invalid subscription name \"bad name\": use 1 to 63 letters, digits, '_', '.' or '-'"
-    )]
+    #[pg_test(error = "invalid subscription name \"bad name\": use 1 to 63 letters, digits, '_', '.' or '-'")]
     fn rejects_bad_name() {
         create_table();
         Spi::run("SELECT kafka.create_subscription('bad name', 'b:9', 't', 'public.t')").unwrap();
@@ -147,20 +123,15 @@ mod tests {
     fn options_are_hidden_from_other_roles() {
         create_table();
         create(", options => '{\"sasl.password\": \"hunter2\"}'");
-        let own =
-            Spi::get_one::<String>("SELECT options->>'sasl.password' FROM kafka.subscriptions")
-                .unwrap();
+        let own = Spi::get_one::<String>("SELECT options->>'sasl.password' FROM kafka.subscriptions").unwrap();
         assert_eq!(own.as_deref(), Some("hunter2"));
         Spi::run("CREATE ROLE pgkb_other").unwrap();
         Spi::run("SET LOCAL ROLE pgkb_other").unwrap();
-        let other =
-            Spi::get_one::<String>("SELECT options->>'sasl.password' FROM kafka.subscriptions")
-                .unwrap();
+        let other = Spi::get_one::<String>("SELECT options->>'sasl.password' FROM kafka.subscriptions").unwrap();
         assert_eq!(other.as_deref(), Some("********"));
-        let raw = Spi::get_one::<bool>(
-            "SELECT has_column_privilege('kafka.subscription_catalog', 'options', 'SELECT')",
-        )
-        .unwrap();
+        let raw =
+            Spi::get_one::<bool>("SELECT has_column_privilege('kafka.subscription_catalog', 'options', 'SELECT')")
+                .unwrap();
         assert_eq!(raw, Some(false));
     }
 

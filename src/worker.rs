@@ -102,8 +102,7 @@ pub fn transaction<R>(body: impl FnOnce() -> Result<R>) -> Result<R> {
 /// Runs `body` in a subtransaction of the current transaction; on `Err` (or a PostgreSQL
 /// error) only the subtransaction's work is undone.
 pub fn subtransaction<R>(body: impl FnOnce() -> Result<R>) -> Result<R> {
-    let (memory_context, resource_owner) =
-        unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
+    let (memory_context, resource_owner) = unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
     unsafe { pg_sys::BeginInternalSubTransaction(std::ptr::null()) };
     let outcome = catch(body);
     unsafe {
@@ -119,9 +118,7 @@ pub fn subtransaction<R>(body: impl FnOnce() -> Result<R>) -> Result<R> {
 }
 
 fn catch<R>(body: impl FnOnce() -> Result<R>) -> Result<R> {
-    PgTryBuilder::new(AssertUnwindSafe(body))
-        .catch_others(|caught| Err(BridgeError::from_caught(caught)))
-        .execute()
+    PgTryBuilder::new(AssertUnwindSafe(body)).catch_others(|caught| Err(BridgeError::from_caught(caught))).execute()
 }
 
 /// Doubling waits between attempts after errors, reset by a success.
@@ -131,9 +128,7 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff {
-            next: Backoff::FIRST,
-        }
+        Backoff { next: Backoff::FIRST }
     }
 }
 
@@ -151,10 +146,7 @@ impl Backoff {
             slot.state = WorkerState::Retrying;
             slot.set_error(&message);
         });
-        pgrx::log!(
-            "pg_kafka_bridge: {message}; retrying in {} ms",
-            self.next.as_millis()
-        );
+        pgrx::log!("pg_kafka_bridge: {message}; retrying in {} ms", self.next.as_millis());
         sleep(self.next);
         self.next = (self.next * 2).min(settings::retry_backoff_max());
     }

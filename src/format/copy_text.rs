@@ -117,14 +117,8 @@ mod tests {
     #[test]
     fn formats_timestamps() {
         assert_eq!(timestamp_literal(0), "1970-01-01 00:00:00.000+00");
-        assert_eq!(
-            timestamp_literal(1_700_000_000_123),
-            "2023-11-14 22:13:20.123+00"
-        );
-        assert_eq!(
-            timestamp_literal(951_782_400_000),
-            "2000-02-29 00:00:00.000+00"
-        );
+        assert_eq!(timestamp_literal(1_700_000_000_123), "2023-11-14 22:13:20.123+00");
+        assert_eq!(timestamp_literal(951_782_400_000), "2000-02-29 00:00:00.000+00");
         assert_eq!(timestamp_literal(-1), "1969-12-31 23:59:59.999+00");
     }
 

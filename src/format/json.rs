@@ -16,17 +16,13 @@ pub fn object_fields<'a>(
     out: &mut [Option<&'a RawValue>],
 ) -> Result<(), String> {
     let mut de = serde_json::Deserializer::from_slice(payload);
-    ObjectFields { by_name, out }
-        .deserialize(&mut de)
-        .map_err(|e| e.to_string())?;
+    ObjectFields { by_name, out }.deserialize(&mut de).map_err(|e| e.to_string())?;
     de.end().map_err(|e| e.to_string())
 }
 
 /// Checks that `payload` is one well-formed JSON value.
 pub fn validate(payload: &[u8]) -> Result<(), String> {
-    serde_json::from_slice::<IgnoredAny>(payload)
-        .map(drop)
-        .map_err(|e| e.to_string())
+    serde_json::from_slice::<IgnoredAny>(payload).map(drop).map_err(|e| e.to_string())
 }
 
 /// The text a JSON scalar stands for: a string unescaped, anything else as written.
@@ -35,9 +31,7 @@ pub fn scalar_text(raw: &str) -> Result<Option<Cow<'_, str>>, String> {
     match raw.as_bytes().first() {
         Some(b'n') => Ok(None),
         Some(b'"') if !raw.contains('\\') => Ok(Some(Cow::Borrowed(&raw[1..raw.len() - 1]))),
-        Some(b'"') => serde_json::from_str::<String>(raw)
-            .map(|s| Some(Cow::Owned(s)))
-            .map_err(|e| e.to_string()),
+        Some(b'"') => serde_json::from_str::<String>(raw).map(|s| Some(Cow::Owned(s))).map_err(|e| e.to_string()),
         _ => Ok(Some(Cow::Borrowed(raw))),
     }
 }
@@ -105,12 +99,7 @@ mod tests {
     fn picks_known_keys_last_duplicate_wins() {
         let by_name: HashMap<String, usize> = [("a".into(), 0), ("b".into(), 1)].into();
         let mut out = [None, None];
-        object_fields(
-            br#"{"a": 1, "x": {"deep": [1]}, "b": "t\"x", "a": 2}"#,
-            &by_name,
-            &mut out,
-        )
-        .unwrap();
+        object_fields(br#"{"a": 1, "x": {"deep": [1]}, "b": "t\"x", "a": 2}"#, &by_name, &mut out).unwrap();
         assert_eq!(out[0].unwrap().get(), "2");
         assert_eq!(out[1].unwrap().get(), r#""t\"x""#);
     }
@@ -118,9 +107,7 @@ mod tests {
     #[test]
     fn rejects_non_objects_and_garbage() {
         let by_name = HashMap::new();
-        assert!(object_fields(b"[1]", &by_name, &mut [])
-            .unwrap_err()
-            .contains("JSON object"));
+        assert!(object_fields(b"[1]", &by_name, &mut []).unwrap_err().contains("JSON object"));
         assert!(object_fields(b"{\"a\":", &by_name, &mut []).is_err());
         assert!(object_fields(b"{} x", &by_name, &mut []).is_err());
     }

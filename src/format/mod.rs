@@ -103,7 +103,7 @@ pub struct Message<'a> {
     pub headers: Vec<(&'a str, Option<&'a [u8]>)>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct ShapeColumn {
     info: ColumnInfo,
     meta: Option<MetaField>,
@@ -111,7 +111,7 @@ struct ShapeColumn {
     data_slot: Option<usize>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum PayloadRule {
     /// JSON object keys map to columns by name.
     Object { by_name: HashMap<String, usize> },
@@ -120,7 +120,7 @@ enum PayloadRule {
 }
 
 /// Where each part of a message goes in a given table, for a format and mode.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct TargetShape {
     columns: Vec<ShapeColumn>,
     data_count: usize,
@@ -153,28 +153,21 @@ impl TargetShape {
                     data_count += 1;
                     data_count - 1
                 });
-                ShapeColumn {
-                    info,
-                    meta,
-                    data_slot,
-                }
+                ShapeColumn { info, meta, data_slot }
             })
             .collect();
         let data_columns: Vec<&ShapeColumn> = columns.iter().filter(|c| c.meta.is_none()).collect();
         if data_columns.is_empty() {
-            return Err("the table has no column to receive the message content (only _kafka_* metadata columns)".into());
+            return Err(
+                "the table has no column to receive the message content (only _kafka_* metadata columns)".into()
+            );
         }
         let payload = match format {
-            Format::Json
-                if data_columns.len() == 1 && data_columns[0].info.kind == ValueKind::Json =>
-            {
+            Format::Json if data_columns.len() == 1 && data_columns[0].info.kind == ValueKind::Json => {
                 PayloadRule::Whole { slot: 0 }
             }
             Format::Json => PayloadRule::Object {
-                by_name: data_columns
-                    .iter()
-                    .map(|c| (c.info.name.clone(), c.data_slot.unwrap()))
-                    .collect(),
+                by_name: data_columns.iter().map(|c| (c.info.name.clone(), c.data_slot.unwrap())).collect(),
             },
             Format::Text | Format::Bytea => {
                 let column = match data_columns.iter().find(|c| c.info.name == "payload") {
@@ -188,26 +181,21 @@ impl TargetShape {
                     }
                 };
                 if format == Format::Bytea && column.info.kind != ValueKind::Bytea {
-                    return Err(format!(
-                        "format 'bytea' needs column \"{}\" to be of type bytea",
-                        column.info.name
-                    ));
+                    return Err(format!("format 'bytea' needs column \"{}\" to be of type bytea", column.info.name));
                 }
-                PayloadRule::Whole {
-                    slot: column.data_slot.unwrap(),
-                }
+                PayloadRule::Whole { slot: column.data_slot.unwrap() }
             }
         };
         let mut key_indices = Vec::new();
         if mode == Mode::Upsert {
             if key_columns.is_empty() {
-                return Err("upsert mode needs key columns: the table has no primary key and key_columns is not given".into());
+                return Err(
+                    "upsert mode needs key columns: the table has no primary key and key_columns is not given".into()
+                );
             }
             for name in key_columns {
                 let Some(i) = columns.iter().position(|c| &c.info.name == name) else {
-                    return Err(format!(
-                        "key column \"{name}\" is not a writable column of the table"
-                    ));
+                    return Err(format!("key column \"{name}\" is not a writable column of the table"));
                 };
                 let c = &columns[i];
                 if matches!(payload, PayloadRule::Whole { .. }) && c.meta.is_none() {
@@ -218,20 +206,11 @@ impl TargetShape {
                 key_indices.push(i);
             }
         }
-        Ok(TargetShape {
-            columns,
-            data_count,
-            payload,
-            format,
-            mode,
-            key_columns: key_indices,
-        })
+        Ok(TargetShape { columns, data_count, payload, format, mode, key_columns: key_indices })
     }
 
     pub fn wants_headers(&self) -> bool {
-        self.columns
-            .iter()
-            .any(|c| c.meta == Some(MetaField::Headers))
+        self.columns.iter().any(|c| c.meta == Some(MetaField::Headers))
     }
 
     pub fn mode(&self) -> Mode {
@@ -240,9 +219,7 @@ impl TargetShape {
 
     /// Names of the key columns (upsert mode).
     pub fn key_column_names(&self) -> impl Iterator<Item = &str> {
-        self.key_columns
-            .iter()
-            .map(|&i| self.columns[i].info.name.as_str())
+        self.key_columns.iter().map(|&i| self.columns[i].info.name.as_str())
     }
 
     /// Every writable column, in table order.
@@ -292,13 +269,8 @@ impl EncodedBatch {
 
     /// The COPY text of `rows[range]`, which are consecutive lines.
     pub fn text(&self, range: Range<usize>) -> &[u8] {
-        match (
-            self.rows.get(range.start),
-            range.end.checked_sub(1).and_then(|l| self.rows.get(l)),
-        ) {
-            (Some(first), Some(last)) if range.start < range.end => {
-                &self.buf[first.start..last.end]
-            }
+        match (self.rows.get(range.start), range.end.checked_sub(1).and_then(|l| self.rows.get(l))) {
+            (Some(first), Some(last)) if range.start < range.end => &self.buf[first.start..last.end],
             _ => &[],
         }
     }
@@ -352,10 +324,7 @@ impl EncodedBatch {
             }
             Err(error) => {
                 self.buf.truncate(line_start);
-                self.rejected.push(Rejected {
-                    message: index,
-                    error,
-                });
+                self.rejected.push(Rejected { message: index, error });
             }
         }
     }
@@ -374,9 +343,7 @@ impl EncodedBatch {
         let mut values: Vec<Option<FieldValue>> = vec![None; shape.data_count];
         let tombstone = match msg.payload {
             None if shape.mode == Mode::Insert => {
-                return Err(
-                    "message has no value (a tombstone), which insert mode cannot store".into(),
-                )
+                return Err("message has no value (a tombstone), which insert mode cannot store".into())
             }
             None => {
                 self.key_values(shape, msg, &mut values)?;
@@ -393,18 +360,14 @@ impl EncodedBatch {
                         }
                     }
                     (PayloadRule::Whole { slot }, Format::Json) => {
-                        json::validate(payload)
-                            .map_err(|e| format!("invalid JSON message: {e}"))?;
+                        json::validate(payload).map_err(|e| format!("invalid JSON message: {e}"))?;
                         values[*slot] = Some(FieldValue::Text(payload));
                     }
                     (PayloadRule::Whole { slot }, Format::Text) => {
-                        std::str::from_utf8(payload)
-                            .map_err(|e| format!("message is not valid UTF-8 text: {e}"))?;
+                        std::str::from_utf8(payload).map_err(|e| format!("message is not valid UTF-8 text: {e}"))?;
                         values[*slot] = Some(FieldValue::Text(payload));
                     }
-                    (PayloadRule::Whole { slot }, Format::Bytea) => {
-                        values[*slot] = Some(FieldValue::Bytes(payload))
-                    }
+                    (PayloadRule::Whole { slot }, Format::Bytea) => values[*slot] = Some(FieldValue::Bytes(payload)),
                 }
                 false
             }
@@ -426,10 +389,7 @@ impl EncodedBatch {
         }
         let mut first = true;
         for column in &shape.columns {
-            if column
-                .data_slot
-                .is_some_and(|s| !set_contains(&self.scratch_set, s))
-            {
+            if column.data_slot.is_some_and(|s| !set_contains(&self.scratch_set, s)) {
                 continue;
             }
             if !first {
@@ -448,9 +408,7 @@ impl EncodedBatch {
             }
         }
         if shape.mode == Mode::Upsert {
-            self.buf.extend_from_slice(
-                format!("\t{index}\t{}", if tombstone { 't' } else { 'f' }).as_bytes(),
-            );
+            self.buf.extend_from_slice(format!("\t{index}\t{}", if tombstone { 't' } else { 'f' }).as_bytes());
         }
         Ok(tombstone)
     }
@@ -472,22 +430,14 @@ impl EncodedBatch {
             return Ok(());
         }
         let Some(key) = msg.key else {
-            return Err(
-                "message has neither a value nor a key: nothing identifies the row to delete"
-                    .into(),
-            );
+            return Err("message has neither a value nor a key: nothing identifies the row to delete".into());
         };
         if key.first() == Some(&b'{') {
-            let by_name: HashMap<String, usize> = data_keys
-                .iter()
-                .map(|(s, c)| (c.info.name.clone(), *s))
-                .collect();
+            let by_name: HashMap<String, usize> = data_keys.iter().map(|(s, c)| (c.info.name.clone(), *s)).collect();
             let mut raw: Vec<Option<&RawValue>> = vec![None; shape.data_count];
-            json::object_fields(key, &by_name, &mut raw)
-                .map_err(|e| format!("invalid JSON message key: {e}"))?;
+            json::object_fields(key, &by_name, &mut raw).map_err(|e| format!("invalid JSON message key: {e}"))?;
             for (slot, column) in data_keys {
-                let v = raw[slot]
-                    .ok_or_else(|| format!("message key has no field \"{}\"", column.info.name))?;
+                let v = raw[slot].ok_or_else(|| format!("message key has no field \"{}\"", column.info.name))?;
                 values[slot] = Some(FieldValue::Json(v));
             }
         } else if let [(slot, _)] = data_keys[..] {
@@ -513,8 +463,7 @@ impl EncodedBatch {
                 } else if column.kind == ValueKind::Json {
                     self.push_text(raw.as_bytes())?;
                 } else if column.kind == ValueKind::Array && raw.starts_with('[') {
-                    let value: serde_json::Value =
-                        serde_json::from_str(raw).map_err(|e| e.to_string())?;
+                    let value: serde_json::Value = serde_json::from_str(raw).map_err(|e| e.to_string())?;
                     let mut literal = String::new();
                     copy_text::array_literal(&value, &mut literal);
                     self.push_text(literal.as_bytes())?;
@@ -528,48 +477,34 @@ impl EncodedBatch {
     }
 
     fn push_text(&mut self, text: &[u8]) -> Result<(), String> {
-        push_escaped(&mut self.buf, text).map_err(|_| {
-            "value contains a NUL character, which PostgreSQL text cannot store".to_string()
-        })
+        push_escaped(&mut self.buf, text)
+            .map_err(|_| "value contains a NUL character, which PostgreSQL text cannot store".to_string())
     }
 
-    fn push_meta(
-        &mut self,
-        meta: MetaField,
-        column: &ColumnInfo,
-        msg: &Message,
-    ) -> Result<(), String> {
+    fn push_meta(&mut self, meta: MetaField, column: &ColumnInfo, msg: &Message) -> Result<(), String> {
         match meta {
             MetaField::Topic => self.push_text(msg.topic.as_bytes())?,
-            MetaField::Partition => self
-                .buf
-                .extend_from_slice(msg.partition.to_string().as_bytes()),
-            MetaField::Offset => self
-                .buf
-                .extend_from_slice(msg.offset.to_string().as_bytes()),
+            MetaField::Partition => self.buf.extend_from_slice(msg.partition.to_string().as_bytes()),
+            MetaField::Offset => self.buf.extend_from_slice(msg.offset.to_string().as_bytes()),
             MetaField::Key => match msg.key {
                 None => self.buf.extend_from_slice(NULL_FIELD),
                 Some(k) if column.kind == ValueKind::Bytea => push_bytea_hex(&mut self.buf, k),
                 Some(k) => {
-                    std::str::from_utf8(k)
-                        .map_err(|_| "message key is not valid UTF-8 text (use a bytea column)")?;
+                    std::str::from_utf8(k).map_err(|_| "message key is not valid UTF-8 text (use a bytea column)")?;
                     self.push_text(k)?;
                 }
             },
             MetaField::Timestamp => match msg.timestamp_ms {
                 None => self.buf.extend_from_slice(NULL_FIELD),
-                Some(ms) => self
-                    .buf
-                    .extend_from_slice(copy_text::timestamp_literal(ms).as_bytes()),
+                Some(ms) => self.buf.extend_from_slice(copy_text::timestamp_literal(ms).as_bytes()),
             },
             MetaField::Headers => {
                 let object: serde_json::Map<String, serde_json::Value> = msg
                     .headers
                     .iter()
                     .map(|(name, value)| {
-                        let v = value.map_or(serde_json::Value::Null, |v| {
-                            String::from_utf8_lossy(v).into_owned().into()
-                        });
+                        let v =
+                            value.map_or(serde_json::Value::Null, |v| String::from_utf8_lossy(v).into_owned().into());
                         (name.to_string(), v)
                     })
                     .collect();

@@ -1,30 +1,15 @@
 use super::*;
 
 fn col(name: &str, kind: ValueKind) -> ColumnInfo {
-    ColumnInfo {
-        name: name.into(),
-        kind,
-    }
+    ColumnInfo { name: name.into(), kind }
 }
 
 fn msg<'a>(offset: i64, key: Option<&'a [u8]>, payload: Option<&'a [u8]>) -> Message<'a> {
-    Message {
-        topic: "t",
-        partition: 3,
-        offset,
-        key,
-        payload,
-        timestamp_ms: Some(0),
-        headers: vec![],
-    }
+    Message { topic: "t", partition: 3, offset, key, payload, timestamp_ms: Some(0), headers: vec![] }
 }
 
 fn lines(batch: &EncodedBatch) -> Vec<String> {
-    String::from_utf8(batch.buf.clone())
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    String::from_utf8(batch.buf.clone()).unwrap().lines().map(str::to_owned).collect()
 }
 
 #[test]
@@ -46,39 +31,20 @@ fn json_object_maps_keys_and_metadata() {
     b.push(
         &shape,
         0,
-        &msg(
-            7,
-            Some(b"k"),
-            Some(br#"{"id": 5, "tags": ["a", null], "doc": {"x": "y\tz"}, "other": 1}"#),
-        ),
+        &msg(7, Some(b"k"), Some(br#"{"id": 5, "tags": ["a", null], "doc": {"x": "y\tz"}, "other": 1}"#)),
     );
     b.push(&shape, 1, &msg(8, None, Some(br#"{"id": "six"}"#)));
     assert!(b.rejected.is_empty(), "{:?}", b.rejected);
-    assert_eq!(
-        lines(&b),
-        vec![r#"5	{"a",NULL}	{"x": "y\\tz"}	7	\\x6b"#, "six\t8\t\\N"]
-    );
+    assert_eq!(lines(&b), vec![r#"5	{"a",NULL}	{"x": "y\\tz"}	7	\\x6b"#, "six\t8\t\\N"]);
     assert_eq!(b.runs(0..2), vec![0..1, 1..2]);
-    assert_eq!(
-        b.column_names(&shape, 0),
-        vec!["id", "tags", "doc", "_kafka_offset", "_kafka_key"]
-    );
-    assert_eq!(
-        b.column_names(&shape, 1),
-        vec!["id", "_kafka_offset", "_kafka_key"]
-    );
+    assert_eq!(b.column_names(&shape, 0), vec!["id", "tags", "doc", "_kafka_offset", "_kafka_key"]);
+    assert_eq!(b.column_names(&shape, 1), vec!["id", "_kafka_offset", "_kafka_key"]);
     assert_eq!(b.text(1..2), b"six\t8\t\\N\n");
 }
 
 #[test]
 fn bad_messages_are_rejected_with_reasons() {
-    let shape = TargetShape::new(
-        vec![col("name", ValueKind::Other)],
-        Format::Json,
-        Mode::Insert,
-        &[],
-    )
-    .unwrap();
+    let shape = TargetShape::new(vec![col("name", ValueKind::Other)], Format::Json, Mode::Insert, &[]).unwrap();
     let mut b = EncodedBatch::default();
     b.push(&shape, 0, &msg(0, None, Some(b"not json")));
     b.push(&shape, 1, &msg(1, None, Some(b"[1,2]")));
@@ -98,10 +64,7 @@ fn bad_messages_are_rejected_with_reasons() {
 #[test]
 fn single_json_column_takes_whole_payload() {
     let shape = TargetShape::new(
-        vec![
-            col("doc", ValueKind::Json),
-            col("_kafka_partition", ValueKind::Other),
-        ],
+        vec![col("doc", ValueKind::Json), col("_kafka_partition", ValueKind::Other)],
         Format::Json,
         Mode::Insert,
         &[],
@@ -117,10 +80,7 @@ fn single_json_column_takes_whole_payload() {
 #[test]
 fn text_and_bytea_formats() {
     let text = TargetShape::new(
-        vec![
-            col("id", ValueKind::Other),
-            col("payload", ValueKind::Other),
-        ],
+        vec![col("id", ValueKind::Other), col("payload", ValueKind::Other)],
         Format::Text,
         Mode::Insert,
         &[],
@@ -132,20 +92,8 @@ fn text_and_bytea_formats() {
     assert_eq!(lines(&b), vec!["hello\\\\world"]);
     assert!(b.rejected[0].error.contains("UTF-8"));
 
-    assert!(TargetShape::new(
-        vec![col("payload", ValueKind::Other)],
-        Format::Bytea,
-        Mode::Insert,
-        &[]
-    )
-    .is_err());
-    let bytea = TargetShape::new(
-        vec![col("body", ValueKind::Bytea)],
-        Format::Bytea,
-        Mode::Insert,
-        &[],
-    )
-    .unwrap();
+    assert!(TargetShape::new(vec![col("payload", ValueKind::Other)], Format::Bytea, Mode::Insert, &[]).is_err());
+    let bytea = TargetShape::new(vec![col("body", ValueKind::Bytea)], Format::Bytea, Mode::Insert, &[]).unwrap();
     let mut b = EncodedBatch::default();
     b.push(&bytea, 0, &msg(0, None, Some(&[0, 1])));
     assert_eq!(lines(&b), vec!["\\\\x0001"]);
@@ -166,46 +114,21 @@ fn upsert_rows_carry_ordinal_and_tombstones_take_keys() {
     b.push(&shape, 2, &msg(2, Some(br#"{"id": 7}"#), None));
     b.push(&shape, 3, &msg(3, Some(b"plain"), None));
     b.push(&shape, 4, &msg(4, None, None));
-    assert_eq!(
-        lines(&b),
-        vec!["\\N\tx\t0\tf", "42\t1\tt", "7\t2\tt", "plain\t3\tt"]
-    );
-    assert_eq!(
-        b.column_names(&shape, 1),
-        vec!["id", STAGING_ORDINAL, STAGING_TOMBSTONE]
-    );
+    assert_eq!(lines(&b), vec!["\\N\tx\t0\tf", "42\t1\tt", "7\t2\tt", "plain\t3\tt"]);
+    assert_eq!(b.column_names(&shape, 1), vec!["id", STAGING_ORDINAL, STAGING_TOMBSTONE]);
     assert_eq!(b.rejected.len(), 1);
     assert!(b.rows[1].tombstone);
 }
 
 #[test]
 fn shape_errors_name_the_problem() {
-    let only_meta = TargetShape::new(
-        vec![col("_kafka_offset", ValueKind::Other)],
-        Format::Json,
-        Mode::Insert,
-        &[],
-    );
+    let only_meta = TargetShape::new(vec![col("_kafka_offset", ValueKind::Other)], Format::Json, Mode::Insert, &[]);
     assert!(only_meta.unwrap_err().contains("no column"));
-    let two = TargetShape::new(
-        vec![col("a", ValueKind::Other), col("b", ValueKind::Other)],
-        Format::Text,
-        Mode::Insert,
-        &[],
-    );
+    let two =
+        TargetShape::new(vec![col("a", ValueKind::Other), col("b", ValueKind::Other)], Format::Text, Mode::Insert, &[]);
     assert!(two.unwrap_err().contains("payload"));
-    let no_key = TargetShape::new(
-        vec![col("a", ValueKind::Other)],
-        Format::Json,
-        Mode::Upsert,
-        &[],
-    );
+    let no_key = TargetShape::new(vec![col("a", ValueKind::Other)], Format::Json, Mode::Upsert, &[]);
     assert!(no_key.unwrap_err().contains("key"));
-    let bad_key = TargetShape::new(
-        vec![col("a", ValueKind::Other)],
-        Format::Json,
-        Mode::Upsert,
-        &["zz".into()],
-    );
+    let bad_key = TargetShape::new(vec![col("a", ValueKind::Other)], Format::Json, Mode::Upsert, &["zz".into()]);
     assert!(bad_key.unwrap_err().contains("\"zz\""));
 }

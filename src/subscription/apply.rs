@@ -45,19 +45,10 @@ impl<'a> Applier<'a> {
             Mode::Insert => None,
             Mode::Upsert => Some(create_staging(subscription, target)?),
         };
-        Ok(Applier {
-            subscription,
-            target,
-            staging,
-        })
+        Ok(Applier { subscription, target, staging })
     }
 
-    pub fn apply(
-        &self,
-        messages: &[Message],
-        batch: &EncodedBatch,
-        advances: &[Advance],
-    ) -> Result<BatchOutcome> {
+    pub fn apply(&self, messages: &[Message], batch: &EncodedBatch, advances: &[Advance]) -> Result<BatchOutcome> {
         worker::transaction(|| {
             Spi::connect_mut(|client| {
                 advances.iter().try_for_each(|a| {
@@ -71,11 +62,7 @@ impl<'a> Applier<'a> {
                     )
                 })
             })?;
-            let mut dead: Vec<(usize, String)> = batch
-                .rejected
-                .iter()
-                .map(|r| (r.message, r.error.clone()))
-                .collect();
+            let mut dead: Vec<(usize, String)> = batch.rejected.iter().map(|r| (r.message, r.error.clone())).collect();
             let rejected_before_write = dead.len();
             self.write_isolating(batch, 0..batch.rows.len(), &mut dead)?;
             let failed_rows = dead.len() - rejected_before_write;
@@ -93,10 +80,7 @@ impl<'a> Applier<'a> {
                     catalog::insert_dead_letter(client, &self.subscription.name, &letter)
                 })
             })?;
-            Ok(BatchOutcome {
-                rows: batch.rows.len() - failed_rows,
-                dead_letters: dead.len(),
-            })
+            Ok(BatchOutcome { rows: batch.rows.len() - failed_rows, dead_letters: dead.len() })
         })
     }
 
@@ -140,11 +124,7 @@ impl<'a> Applier<'a> {
                     let last = batch.rows[run.end - 1].message as i32;
                     let sql = upsert_sql(self.target, &columns[..columns.len() - 2]);
                     run_as(owner, true, || {
-                        Spi::connect_mut(|client| {
-                            client
-                                .update(&sql, None, &[first.into(), last.into()])
-                                .map(drop)
-                        })
+                        Spi::connect_mut(|client| client.update(&sql, None, &[first.into(), last.into()]).map(drop))
                     })?;
                 }
             }
@@ -156,28 +136,18 @@ impl<'a> Applier<'a> {
 /// The statement that applies one run of staged rows: for each key, only its last message
 /// counts; a last message without a value deletes the row, any other inserts or updates it.
 fn upsert_sql(target: &Target, columns: &[&str]) -> String {
-    let keys: Vec<String> = target
-        .shape
-        .key_column_names()
-        .map(quote_identifier)
-        .collect();
+    let keys: Vec<String> = target.shape.key_column_names().map(quote_identifier).collect();
     let keys = keys.join(", ");
     let quoted: Vec<String> = columns.iter().map(quote_identifier).collect();
-    let key_match: Vec<String> = target
-        .shape
-        .key_column_names()
-        .map(|k| format!("t.{0} = l.{0}", quote_identifier(k)))
-        .collect();
+    let key_match: Vec<String> =
+        target.shape.key_column_names().map(|k| format!("t.{0} = l.{0}", quote_identifier(k))).collect();
     let updates: Vec<String> = columns
         .iter()
         .filter(|c| !target.shape.key_column_names().any(|k| k == **c))
         .map(|c| format!("{0} = EXCLUDED.{0}", quote_identifier(c)))
         .collect();
-    let on_conflict = if updates.is_empty() {
-        "DO NOTHING".to_string()
-    } else {
-        format!("DO UPDATE SET {}", updates.join(", "))
-    };
+    let on_conflict =
+        if updates.is_empty() { "DO NOTHING".to_string() } else { format!("DO UPDATE SET {}", updates.join(", ")) };
     format!(
         "WITH latest AS (SELECT DISTINCT ON ({keys}) * FROM pg_temp.{STAGING_TABLE} \
                           WHERE {STAGING_ORDINAL} BETWEEN $1 AND $2 ORDER BY {keys}, {STAGING_ORDINAL} DESC), \
@@ -194,17 +164,9 @@ fn upsert_sql(target: &Target, columns: &[&str]) -> String {
 /// constraints, plus the message's ordinal and whether it is a tombstone. The owner may read
 /// it, since the upsert statement runs as the owner.
 fn create_staging(subscription: &Subscription, target: &Target) -> Result<pg_sys::Oid> {
-    let columns: Vec<String> = target
-        .shape
-        .all_columns()
-        .map(|c| quote_identifier(&c.name))
-        .collect();
+    let columns: Vec<String> = target.shape.all_columns().map(|c| quote_identifier(&c.name)).collect();
     Spi::connect_mut(|client| {
-        client.update(
-            &format!("DROP TABLE IF EXISTS pg_temp.{STAGING_TABLE}"),
-            None,
-            &[],
-        )?;
+        client.update(&format!("DROP TABLE IF EXISTS pg_temp.{STAGING_TABLE}"), None, &[])?;
         client.update(
             &format!(
                 "CREATE TEMPORARY TABLE {STAGING_TABLE} ON COMMIT DELETE ROWS AS \
@@ -219,22 +181,10 @@ fn create_staging(subscription: &Subscription, target: &Target) -> Result<pg_sys
             "SELECT pg_catalog.quote_ident(rolname) FROM pg_catalog.pg_roles WHERE oid = $1",
             &[subscription.owner.into()],
         )?
-        .ok_or_else(|| {
-            BridgeError::InsufficientPrivilege(
-                "the owner of the subscription no longer exists".into(),
-            )
-        })?;
-        client.update(
-            &format!("GRANT SELECT ON pg_temp.{STAGING_TABLE} TO {owner}"),
-            None,
-            &[],
-        )?;
+        .ok_or_else(|| BridgeError::InsufficientPrivilege("the owner of the subscription no longer exists".into()))?;
+        client.update(&format!("GRANT SELECT ON pg_temp.{STAGING_TABLE} TO {owner}"), None, &[])?;
         Ok(client
-            .select(
-                &format!("SELECT 'pg_temp.{STAGING_TABLE}'::regclass::oid"),
-                Some(1),
-                &[],
-            )?
+            .select(&format!("SELECT 'pg_temp.{STAGING_TABLE}'::regclass::oid"), Some(1), &[])?
             .first()
             .get_one::<pg_sys::Oid>()?
             .unwrap_or(pg_sys::Oid::INVALID))

@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest fetch response asked of the broker (librdkafka's default is 50 MB).
+const FETCH_MAX_BYTES: usize = 8 << 20;
 
 pub struct Source {
     pub consumer: BaseConsumer<BridgeContext>,
@@ -27,10 +29,7 @@ impl Source {
         config
             .set("bootstrap.servers", &subscription.brokers)
             .set("group.id", format!("pg_kafka_bridge.{}", subscription.name))
-            .set(
-                "client.id",
-                format!("pg_kafka_bridge.{}", subscription.name),
-            )
+            .set("client.id", format!("pg_kafka_bridge.{}", subscription.name))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("isolation.level", "read_committed")
@@ -38,62 +37,41 @@ impl Source {
             // error, never silently skip or replay messages.
             .set("auto.offset.reset", "error")
             .set("enable.partition.eof", "false");
+        // Memory stays bounded whatever the backlog: what librdkafka pre-fetches, and how big
+        // one fetch response may be, unless the subscription's options say otherwise.
         if !options.contains("queued.max.messages.kbytes") {
-            config.set(
-                "queued.max.messages.kbytes",
-                settings::consumer_queue_kbytes().to_string(),
-            );
+            config.set("queued.max.messages.kbytes", settings::consumer_queue_kbytes().to_string());
+        }
+        if !options.contains("fetch.max.bytes") {
+            config.set("fetch.max.bytes", FETCH_MAX_BYTES.to_string());
         }
         options.apply(&mut config);
         let errors = ErrorMailbox::default();
-        let consumer = config.create_with_context(BridgeContext {
-            errors: errors.clone(),
-        })?;
-        Ok(Source {
-            consumer,
-            errors,
-            topic: subscription.topic.clone(),
-        })
+        let consumer = config.create_with_context(BridgeContext { errors: errors.clone() })?;
+        Ok(Source { consumer, errors, topic: subscription.topic.clone() })
     }
 
     /// The topic's partitions, from the broker's metadata.
     pub fn partitions(&self) -> Result<Vec<i32>> {
-        let metadata = self
-            .consumer
-            .fetch_metadata(Some(&self.topic), METADATA_TIMEOUT)?;
-        let topic = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == self.topic)
-            .ok_or_else(|| {
-                BridgeError::Kafka(format!(
-                    "topic \"{}\" is missing from the broker's metadata",
-                    self.topic
-                ))
-            })?;
+        let metadata = self.consumer.fetch_metadata(Some(&self.topic), METADATA_TIMEOUT)?;
+        let topic = metadata.topics().iter().find(|t| t.name() == self.topic).ok_or_else(|| {
+            BridgeError::Kafka(format!("topic \"{}\" is missing from the broker's metadata", self.topic))
+        })?;
         if let Some(error) = topic.error() {
             let code = RDKafkaErrorCode::from(error);
-            return Err(BridgeError::Kafka(format!(
-                "topic \"{}\": {code}",
-                self.topic
-            )));
+            return Err(BridgeError::Kafka(format!("topic \"{}\": {code}", self.topic)));
         }
         let mut partitions: Vec<i32> = topic.partitions().iter().map(|p| p.id()).collect();
         partitions.sort_unstable();
         if partitions.is_empty() {
-            return Err(BridgeError::Kafka(format!(
-                "topic \"{}\" has no partitions",
-                self.topic
-            )));
+            return Err(BridgeError::Kafka(format!("topic \"{}\" has no partitions", self.topic)));
         }
         Ok(partitions)
     }
 
     /// The first or the next-to-be-written offset of a partition, asked of the broker.
     pub fn boundary(&self, partition: i32, latest: bool) -> Result<i64> {
-        let (low, high) =
-            self.consumer
-                .fetch_watermarks(&self.topic, partition, METADATA_TIMEOUT)?;
+        let (low, high) = self.consumer.fetch_watermarks(&self.topic, partition, METADATA_TIMEOUT)?;
         Ok(if latest { high } else { low })
     }
 
@@ -120,8 +98,7 @@ impl Source {
                 &mut high,
             )
         };
-        (code == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
-            .then_some(high)
+        (code == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
     }
 }
 

@@ -14,11 +14,7 @@ thread_local! {
 }
 
 #[pgrx::pg_guard]
-unsafe extern "C-unwind" fn read_pending(
-    outbuf: *mut std::ffi::c_void,
-    _minread: i32,
-    maxread: i32,
-) -> i32 {
+unsafe extern "C-unwind" fn read_pending(outbuf: *mut std::ffi::c_void, _minread: i32, maxread: i32) -> i32 {
     PENDING.with(|pending| {
         let (data, len) = pending.get();
         let n = len.min(maxread.max(0) as usize);
@@ -42,14 +38,7 @@ pub fn copy_rows(relid: pg_sys::Oid, columns: &[&str], text: &[u8]) -> u64 {
     unsafe {
         let rel = pg_sys::table_open(relid, lock);
         let pstate = pg_sys::make_parsestate(std::ptr::null_mut());
-        let nsitem = pg_sys::addRangeTableEntryForRelation(
-            pstate,
-            rel,
-            lock,
-            std::ptr::null_mut(),
-            false,
-            false,
-        );
+        let nsitem = pg_sys::addRangeTableEntryForRelation(pstate, rel, lock, std::ptr::null_mut(), false, false);
         let rte = (*nsitem).p_rte;
         (*rte).requiredPerms = pg_sys::ACL_INSERT as pg_sys::AclMode;
 
@@ -63,10 +52,7 @@ pub fn copy_rows(relid: pg_sys::Oid, columns: &[&str], text: &[u8]) -> u64 {
         }
         for name in columns {
             let name = CString::new(*name).expect("column names have no NUL");
-            names = pg_sys::lappend(
-                names,
-                pg_sys::makeString(pg_sys::pstrdup(name.as_ptr())).cast(),
-            );
+            names = pg_sys::lappend(names, pg_sys::makeString(pg_sys::pstrdup(name.as_ptr())).cast());
         }
         pg_sys::ExecCheckRTPerms((*pstate).p_rtable, true);
 

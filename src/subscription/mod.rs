@@ -5,24 +5,24 @@
 pub mod apply;
 pub mod consumer;
 pub mod copy;
+pub mod prefetch;
 pub mod target;
 
 use crate::catalog::{self, Subscription};
 use crate::error::{BridgeError, Result};
-use crate::format::{EncodedBatch, Format, Message as RowMessage, Mode};
+use crate::format::{Format, Message as RowMessage, Mode};
 use crate::settings;
 use crate::shmem::{self, PartitionProgress, SlotId, WorkerState};
 use crate::worker::{self, Backoff};
 use apply::{Advance, Applier};
 use consumer::Source;
 use pgrx::prelude::*;
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use prefetch::{Prefetcher, Reader};
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use target::Target;
-
-/// Longest a single poll blocks, so that signals are seen promptly.
-const POLL_SLICE: Duration = Duration::from_millis(100);
 
 #[pg_guard]
 #[no_mangle]
@@ -30,18 +30,10 @@ pub extern "C-unwind" fn pg_kafka_bridge_subscription_main(_arg: pg_sys::Datum) 
     let Some(id) = worker::attach(&settings::database()) else {
         return;
     };
-    let Some(slot) = shmem::snapshot()
-        .into_iter()
-        .find(|(s, _)| *s == id)
-        .map(|(_, slot)| slot)
-    else {
+    let Some(slot) = shmem::snapshot().into_iter().find(|(s, _)| *s == id).map(|(_, slot)| slot) else {
         return;
     };
-    let mut worker = SubscriptionWorker {
-        id,
-        subscription_id: slot.object_id,
-        worker_index: slot.worker_index,
-    };
+    let mut worker = SubscriptionWorker { id, subscription_id: slot.object_id, worker_index: slot.worker_index };
     worker.run();
 }
 
@@ -62,7 +54,7 @@ struct SubscriptionWorker {
 struct Session<'a> {
     subscription: &'a Subscription,
     target: &'a Target,
-    source: &'a Source,
+    source: Arc<Source>,
     applier: &'a Applier<'a>,
 }
 
@@ -88,18 +80,14 @@ impl SubscriptionWorker {
         if let Ok(name) = std::ffi::CString::new(subscription.name.as_str()) {
             unsafe { pg_sys::pgstat_report_appname(name.as_ptr()) };
         }
-        let source = Source::connect(&subscription)?;
+        let source = Arc::new(Source::connect(&subscription)?);
         let partitions = self.owned(&source.partitions()?, subscription.workers);
         let mut positions = self.positions(&subscription, &source, &partitions)?;
         source.assign(&positions)?;
         let applier = worker::transaction(|| Applier::new(&subscription, &target))?;
         shmem::update(self.id, |slot| slot.state = WorkerState::Running);
-        let session = Session {
-            subscription: &subscription,
-            target: &target,
-            source: &source,
-            applier: &applier,
-        };
+        let session =
+            Session { subscription: &subscription, target: &target, source: source.clone(), applier: &applier };
         self.consume(&session, &partitions, &mut positions, backoff)
     }
 
@@ -111,10 +99,14 @@ impl SubscriptionWorker {
         backoff: &mut Backoff,
     ) -> Result<SessionEnd> {
         let subscription = session.subscription;
-        let batch_size = subscription.batch_size as usize;
-        let batch_timeout = Duration::from_millis(subscription.batch_timeout_ms as u64);
-        let wants_headers = session.target.shape.wants_headers();
-        let mut encoded = EncodedBatch::default();
+        let prefetcher = Prefetcher::start(Reader {
+            source: session.source.clone(),
+            shape: Arc::new(session.target.shape.clone()),
+            topic: subscription.topic.clone(),
+            batch_size: subscription.batch_size as usize,
+            batch_timeout: Duration::from_millis(subscription.batch_timeout_ms as u64),
+            stop: Arc::new(AtomicBool::new(false)),
+        });
         let mut next_refresh = Instant::now() + settings::metadata_refresh();
         let mut meter = RateMeter::default();
         loop {
@@ -127,66 +119,41 @@ impl SubscriptionWorker {
                 shmem::update(self.id, |slot| slot.state = WorkerState::Running);
                 next_refresh = Instant::now() + settings::metadata_refresh();
             }
-            let polled = collect(session.source, batch_size, batch_timeout)?;
-            let broker_error = polled
-                .transient_error
-                .or_else(|| session.source.errors.take());
-            // Anything before a stored position was applied already; librdkafka only hands such
-            // messages out if the assignment raced with a seek, but they must never apply twice.
-            let fresh: Vec<&BorrowedMessage> = polled
-                .messages
-                .iter()
-                .filter(|m| {
-                    positions
-                        .get(&m.partition())
-                        .is_some_and(|p| m.offset() >= *p)
-                })
-                .collect();
-            if fresh.is_empty() {
+            let Some(batch) = prefetcher.next(Duration::from_millis(100)) else {
+                continue;
+            };
+            let batch = batch?;
+            let broker_error = batch.broker_error.or_else(|| session.source.errors.take());
+            let mut advances: BTreeMap<i32, Advance> = BTreeMap::new();
+            for m in &batch.messages {
+                let from = positions.get(&m.partition).copied();
+                // The consumer starts at the stored positions and never seeks within a
+                // session, so anything else means the assignment changed under us.
+                if from.is_none_or(|from| m.offset < from) {
+                    return Err(BridgeError::Kafka(format!(
+                        "received offset {} of partition {}, which this worker does not expect; re-reading positions",
+                        m.offset, m.partition
+                    )));
+                }
+                let from = from.unwrap_or_default();
+                advances.entry(m.partition).or_insert(Advance { partition: m.partition, from, to: from }).to =
+                    m.offset + 1;
+            }
+            if advances.is_empty() {
                 meter.record(0);
-                self.report(
-                    session.source,
-                    positions,
-                    &meter,
-                    0,
-                    broker_error.as_deref(),
-                );
+                self.report(&session.source, positions, &meter, 0, broker_error.as_deref());
                 continue;
             }
-            let rows: Vec<RowMessage> = fresh
-                .iter()
-                .map(|m| row_message(m, wants_headers))
-                .collect();
-            encoded.clear();
-            for (i, row) in rows.iter().enumerate() {
-                encoded.push(&session.target.shape, i, row);
-            }
-            let mut advances: BTreeMap<i32, Advance> = BTreeMap::new();
-            for m in &fresh {
-                let from = positions[&m.partition()];
-                advances
-                    .entry(m.partition())
-                    .or_insert(Advance {
-                        partition: m.partition(),
-                        from,
-                        to: from,
-                    })
-                    .to = m.offset() + 1;
-            }
             let advances: Vec<Advance> = advances.into_values().collect();
-            let outcome = session.applier.apply(&rows, &encoded, &advances)?;
+            let views: Vec<RowMessage> = batch.messages.iter().map(|m| m.view(&subscription.topic)).collect();
+            let outcome = session.applier.apply(&views, &batch.encoded, &advances)?;
             for a in &advances {
                 positions.insert(a.partition, a.to);
             }
             backoff.reset();
-            meter.record(outcome.rows + outcome.dead_letters);
-            self.report(
-                session.source,
-                positions,
-                &meter,
-                outcome.rows + outcome.dead_letters,
-                broker_error.as_deref(),
-            );
+            let applied = outcome.rows + outcome.dead_letters;
+            meter.record(applied);
+            self.report(&session.source, positions, &meter, applied, broker_error.as_deref());
         }
     }
 
@@ -245,11 +212,7 @@ impl SubscriptionWorker {
     }
 
     fn owned(&self, partitions: &[i32], workers: i32) -> Vec<i32> {
-        partitions
-            .iter()
-            .copied()
-            .filter(|p| p % workers == self.worker_index)
-            .collect()
+        partitions.iter().copied().filter(|p| p % workers == self.worker_index).collect()
     }
 
     /// The stored position of each owned partition. Partitions without one get their start
@@ -261,8 +224,7 @@ impl SubscriptionWorker {
         source: &Source,
         partitions: &[i32],
     ) -> Result<BTreeMap<i32, i64>> {
-        let stored =
-            worker::transaction(|| catalog::read_offsets(&subscription.name, &subscription.topic))?;
+        let stored = worker::transaction(|| catalog::read_offsets(&subscription.name, &subscription.topic))?;
         let first_start = stored.is_empty();
         let latest = first_start && subscription.start_from == "latest";
         let mut missing = Vec::new();
@@ -270,69 +232,10 @@ impl SubscriptionWorker {
             missing.push((p, source.boundary(p, latest)?));
         }
         if !missing.is_empty() {
-            worker::transaction(|| {
-                catalog::insert_missing_offsets(&subscription.name, &subscription.topic, &missing)
-            })?;
+            worker::transaction(|| catalog::insert_missing_offsets(&subscription.name, &subscription.topic, &missing))?;
         }
-        let stored =
-            worker::transaction(|| catalog::read_offsets(&subscription.name, &subscription.topic))?;
-        Ok(partitions
-            .iter()
-            .filter_map(|p| stored.get(p).map(|o| (*p, *o)))
-            .collect())
-    }
-}
-
-struct Polled<'c> {
-    messages: Vec<BorrowedMessage<'c>>,
-    transient_error: Option<String>,
-}
-
-/// Polls up to `max` messages. Returns at once with nothing after a short wait if none
-/// come; once the first message is in, waits at most `timeout` for the batch to fill.
-fn collect(source: &Source, max: usize, timeout: Duration) -> Result<Polled<'_>> {
-    let mut polled = Polled {
-        messages: Vec::new(),
-        transient_error: None,
-    };
-    let mut deadline: Option<Instant> = None;
-    loop {
-        let wait = match deadline {
-            None => POLL_SLICE,
-            Some(d) => d.saturating_duration_since(Instant::now()).min(POLL_SLICE),
-        };
-        match source.consumer.poll(wait) {
-            Some(Ok(m)) => {
-                polled.messages.push(m);
-                deadline.get_or_insert_with(|| Instant::now() + timeout);
-                if polled.messages.len() >= max {
-                    return Ok(polled);
-                }
-            }
-            Some(Err(e)) if consumer::is_fatal_poll_error(&e) => return Err(BridgeError::from(e)),
-            Some(Err(e)) => polled.transient_error = Some(e.to_string()),
-            None if deadline.is_none() => return Ok(polled),
-            None => {}
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            return Ok(polled);
-        }
-    }
-}
-
-fn row_message<'m>(m: &'m BorrowedMessage, wants_headers: bool) -> RowMessage<'m> {
-    let headers = match (wants_headers, m.headers()) {
-        (true, Some(h)) => h.iter().map(|h| (h.key, h.value)).collect(),
-        _ => Vec::new(),
-    };
-    RowMessage {
-        topic: m.topic(),
-        partition: m.partition(),
-        offset: m.offset(),
-        key: m.key(),
-        payload: m.payload(),
-        timestamp_ms: m.timestamp().to_millis(),
-        headers,
+        let stored = worker::transaction(|| catalog::read_offsets(&subscription.name, &subscription.topic))?;
+        Ok(partitions.iter().filter_map(|p| stored.get(p).map(|o| (*p, *o))).collect())
     }
 }
 
@@ -345,11 +248,7 @@ struct RateMeter {
 
 impl Default for RateMeter {
     fn default() -> Self {
-        RateMeter {
-            window_start: Instant::now(),
-            window_rows: 0,
-            rate: 0.0,
-        }
+        RateMeter { window_start: Instant::now(), window_rows: 0, rate: 0.0 }
     }
 }
 

@@ -22,11 +22,7 @@ impl Target {
         mode: Mode,
         key_columns: Option<&[String]>,
     ) -> Result<Target> {
-        let quoted_name = format!(
-            "{}.{}",
-            spi::quote_identifier(schema),
-            spi::quote_identifier(table)
-        );
+        let quoted_name = format!("{}.{}", spi::quote_identifier(schema), spi::quote_identifier(table));
         let relid = catalog::query_optional::<pg_sys::Oid>(
             "SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
@@ -57,11 +53,7 @@ impl Target {
         }
         let shape = TargetShape::new(columns, format, mode, &keys)
             .map_err(|e| BridgeError::InvalidParameter(format!("table {quoted_name}: {e}")))?;
-        Ok(Target {
-            relid,
-            shape,
-            quoted_name,
-        })
+        Ok(Target { relid, shape, quoted_name })
     }
 
     /// Checks that `role` may write the table as the subscription's mode needs.
@@ -79,20 +71,13 @@ impl Target {
         }
         let mut needed = pg_sys::ACL_INSERT as pg_sys::AclMode;
         if self.shape.mode() == Mode::Upsert {
-            needed |=
-                (pg_sys::ACL_SELECT | pg_sys::ACL_UPDATE | pg_sys::ACL_DELETE) as pg_sys::AclMode;
+            needed |= (pg_sys::ACL_SELECT | pg_sys::ACL_UPDATE | pg_sys::ACL_DELETE) as pg_sys::AclMode;
         }
-        let granted = unsafe {
-            pg_sys::pg_class_aclmask(self.relid, role, needed, pg_sys::AclMaskHow::ACLMASK_ALL)
-        };
+        let granted = unsafe { pg_sys::pg_class_aclmask(self.relid, role, needed, pg_sys::AclMaskHow::ACLMASK_ALL) };
         if granted != needed {
             return Err(BridgeError::InsufficientPrivilege(format!(
                 "the subscription owner may not {} table {}",
-                if self.shape.mode() == Mode::Upsert {
-                    "insert, select, update and delete in"
-                } else {
-                    "insert into"
-                },
+                if self.shape.mode() == Mode::Upsert { "insert, select, update and delete in" } else { "insert into" },
                 self.quoted_name
             )));
         }
@@ -128,10 +113,7 @@ fn writable_columns(relid: pg_sys::Oid) -> Result<Vec<ColumnInfo>> {
                     "array" => ValueKind::Array,
                     _ => ValueKind::Other,
                 };
-                Ok(ColumnInfo {
-                    name: row.get::<String>(1)?.unwrap_or_default(),
-                    kind,
-                })
+                Ok(ColumnInfo { name: row.get::<String>(1)?.unwrap_or_default(), kind })
             })
             .collect()
     })

@@ -45,15 +45,13 @@ pub fn pg() -> Client {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         match Client::connect(&connection_string(), NoTls) {
-            Ok(mut client) => {
-                match client.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_kafka_bridge") {
-                    Ok(()) => return client,
-                    Err(e) if Instant::now() > deadline => {
-                        panic!("cannot create the extension: {e}")
-                    }
-                    Err(_) => {}
+            Ok(mut client) => match client.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_kafka_bridge") {
+                Ok(()) => return client,
+                Err(e) if Instant::now() > deadline => {
+                    panic!("cannot create the extension: {e}")
                 }
-            }
+                Err(_) => {}
+            },
             Err(e) if Instant::now() > deadline => panic!("cannot connect to PostgreSQL: {e}"),
             Err(_) => {}
         }
@@ -64,72 +62,41 @@ pub fn pg() -> Client {
 /// Runs one of the repository's scripts (`scripts/NAME.sh`) with arguments.
 pub fn script(name: &str, args: &[&str]) {
     let path = repo_root().join("scripts").join(format!("{name}.sh"));
-    let status = Command::new("bash")
-        .arg(&path)
-        .args(args)
-        .status()
-        .expect("run script");
-    assert!(
-        status.success(),
-        "{} {:?} failed: {status}",
-        path.display(),
-        args
-    );
+    let status = Command::new("bash").arg(&path).args(args).status().expect("run script");
+    assert!(status.success(), "{} {:?} failed: {status}", path.display(), args);
 }
 
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
 
 /// A name no other test run uses: for topics, tables and subscriptions.
 pub fn unique(prefix: &str) -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "{prefix}_{}_{}_{nanos}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{prefix}_{}_{}_{nanos}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 pub fn create_topic(name: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .expect("admin client");
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin client");
     let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = block_on(admin.create_topics([&topic], &options)).expect("create topic");
     for r in results {
         r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
     }
-    wait_for(
-        &format!("topic {name} with {partitions} partitions"),
-        Duration::from_secs(30),
-        || partition_count(name) == partitions,
-    );
+    wait_for(&format!("topic {name} with {partitions} partitions"), Duration::from_secs(30), || {
+        partition_count(name) == partitions
+    });
 }
 
 pub fn partition_count(topic: &str) -> i32 {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .unwrap();
+    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
     consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .ok()
-        .and_then(|m| {
-            m.topics()
-                .iter()
-                .find(|t| t.name() == topic)
-                .map(|t| t.partitions().len() as i32)
-        })
+        .and_then(|m| m.topics().iter().find(|t| t.name() == topic).map(|t| t.partitions().len() as i32))
         .unwrap_or(0)
 }
 
@@ -169,13 +136,7 @@ pub fn producer() -> Producer_ {
 }
 
 impl Producer_ {
-    pub fn send(
-        &self,
-        topic: &str,
-        partition: Option<i32>,
-        key: Option<&[u8]>,
-        payload: Option<&[u8]>,
-    ) {
+    pub fn send(&self, topic: &str, partition: Option<i32>, key: Option<&[u8]>, payload: Option<&[u8]>) {
         let mut record: BaseRecord<[u8], [u8]> = BaseRecord::to(topic);
         if let Some(p) = partition {
             record = record.partition(p);
@@ -190,10 +151,7 @@ impl Producer_ {
         loop {
             match self.inner.send(record) {
                 Ok(()) => return,
-                Err((e, r))
-                    if e.rdkafka_error_code()
-                        == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
-                {
+                Err((e, r)) if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) => {
                     record = r;
                     std::thread::sleep(Duration::from_millis(10));
                 }
@@ -202,25 +160,12 @@ impl Producer_ {
         }
     }
 
-    pub fn send_json(
-        &self,
-        topic: &str,
-        partition: Option<i32>,
-        key: &str,
-        value: &serde_json::Value,
-    ) {
-        self.send(
-            topic,
-            partition,
-            Some(key.as_bytes()),
-            Some(value.to_string().as_bytes()),
-        );
+    pub fn send_json(&self, topic: &str, partition: Option<i32>, key: &str, value: &serde_json::Value) {
+        self.send(topic, partition, Some(key.as_bytes()), Some(value.to_string().as_bytes()));
     }
 
     pub fn flush(&self) {
-        self.inner
-            .flush(Duration::from_secs(60))
-            .expect("flush producer");
+        self.inner.flush(Duration::from_secs(60)).expect("flush producer");
     }
 }
 
@@ -228,19 +173,13 @@ impl Producer_ {
 pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !condition() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
 pub fn count(client: &mut Client, sql: &str) -> i64 {
-    client
-        .query_one(sql, &[])
-        .map(|r| r.get::<_, i64>(0))
-        .unwrap_or(-1)
+    client.query_one(sql, &[]).map(|r| r.get::<_, i64>(0)).unwrap_or(-1)
 }
 
 /// Waits until `sql` (a count) returns `expected`, reconnecting as needed; panics with the
@@ -260,10 +199,7 @@ pub fn wait_for_count(sql: &str, expected: i64, timeout: Duration) {
         if last == expected {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?}: `{sql}` is {last}, expected {expected}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {timeout:?}: `{sql}` is {last}, expected {expected}");
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -279,12 +215,11 @@ pub fn worker_pids(client: &mut Client, subscription: &str) -> Vec<i32> {
     rows.iter().map(|r| r.get::<_, i32>(0)).collect()
 }
 
+/// A message read back: partition, offset, key, value.
+pub type Consumed = (i32, i64, Option<Vec<u8>>, Option<Vec<u8>>);
+
 /// Every message of a topic, read with read_committed isolation from the beginning.
-pub fn consume_all(
-    topic: &str,
-    expected_at_least: usize,
-    timeout: Duration,
-) -> Vec<(i32, i64, Option<Vec<u8>>, Option<Vec<u8>>)> {
+pub fn consume_all(topic: &str, expected_at_least: usize, timeout: Duration) -> Vec<Consumed> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("group.id", unique("reader"))
@@ -300,20 +235,11 @@ pub fn consume_all(
     while Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
-                out.push((
-                    m.partition(),
-                    m.offset(),
-                    m.key().map(<[u8]>::to_vec),
-                    m.payload().map(<[u8]>::to_vec),
-                ));
+                out.push((m.partition(), m.offset(), m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec)));
                 quiet_since = Instant::now();
             }
             Some(Err(e)) => panic!("consuming {topic}: {e}"),
-            None if out.len() >= expected_at_least
-                && quiet_since.elapsed() > Duration::from_secs(2) =>
-            {
-                break
-            }
+            None if out.len() >= expected_at_least && quiet_since.elapsed() > Duration::from_secs(2) => break,
             None => {}
         }
     }
@@ -334,19 +260,13 @@ pub fn create_subscription(client: &mut Client, name: &str, topic: &str, table: 
 
 /// Drops a subscription and waits until its workers are gone.
 pub fn drop_subscription(client: &mut Client, name: &str) {
-    client
-        .batch_execute(&format!("SELECT kafka.drop_subscription('{name}')"))
-        .unwrap();
-    wait_for(
-        "workers of a dropped subscription to exit",
-        Duration::from_secs(30),
-        || {
-            count(
+    client.batch_execute(&format!("SELECT kafka.drop_subscription('{name}')")).unwrap();
+    wait_for("workers of a dropped subscription to exit", Duration::from_secs(30), || {
+        count(
             client,
             &format!("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_kafka_bridge subscription' AND application_name = '{name}'"),
         ) == 0
-        },
-    );
+    });
 }
 
 /// The subscription's status rows as text, for assertion messages.
@@ -360,9 +280,7 @@ pub fn status(client: &mut Client, subscription: &str) -> String {
         )
         .map(|rows| {
             rows.iter()
-                .map(|r| {
-                    (0..6).map(|i| r.get::<_, String>(i)).collect::<Vec<_>>().join(" | ")
-                })
+                .map(|r| (0..6).map(|i| r.get::<_, String>(i)).collect::<Vec<_>>().join(" | "))
                 .collect::<Vec<_>>()
                 .join("\n")
         })
@@ -372,10 +290,7 @@ pub fn status(client: &mut Client, subscription: &str) -> String {
 /// The last error a subscription's workers report, if any.
 pub fn last_error(client: &mut Client, subscription: &str) -> Option<String> {
     client
-        .query_one(
-            "SELECT max(last_error) FROM kafka.subscription_status WHERE subscription = $1",
-            &[&subscription],
-        )
+        .query_one("SELECT max(last_error) FROM kafka.subscription_status WHERE subscription = $1", &[&subscription])
         .ok()
         .and_then(|r| r.get::<_, Option<String>>(0))
 }
@@ -383,19 +298,15 @@ pub fn last_error(client: &mut Client, subscription: &str) -> Option<String> {
 /// Grows a topic to `total` partitions.
 pub fn add_partitions(topic: &str, total: usize) {
     use rdkafka::admin::NewPartitions;
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .expect("admin client");
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin client");
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let results = block_on(admin.create_partitions([&NewPartitions::new(topic, total)], &options))
-        .expect("create partitions");
+    let results =
+        block_on(admin.create_partitions([&NewPartitions::new(topic, total)], &options)).expect("create partitions");
     for r in results {
         r.unwrap_or_else(|(t, e)| panic!("adding partitions to {t}: {e}"));
     }
-    wait_for(
-        &format!("topic {topic} with {total} partitions"),
-        Duration::from_secs(30),
-        || partition_count(topic) == total as i32,
-    );
+    wait_for(&format!("topic {topic} with {total} partitions"), Duration::from_secs(30), || {
+        partition_count(topic) == total as i32
+    });
 }

@@ -19,36 +19,17 @@ fn every_kind_of_bad_message_is_a_dead_letter_and_nothing_stalls() {
     .unwrap();
     create_subscription(&mut pg, &sub, &topic, &table, "");
     let p = producer();
-    let good = |id: i64| {
-        json!({"id": id, "qty": 1, "name": "ok"})
-            .to_string()
-            .into_bytes()
-    };
+    let good = |id: i64| json!({"id": id, "qty": 1, "name": "ok"}).to_string().into_bytes();
     let cases: Vec<(&str, Option<Vec<u8>>)> = vec![
         ("invalid JSON", Some(b"{not json".to_vec())),
         ("JSON object", Some(b"[1, 2, 3]".to_vec())),
-        (
-            "invalid input syntax for type integer",
-            Some(br#"{"id": 101, "qty": "many", "name": "x"}"#.to_vec()),
-        ),
-        (
-            "NUL",
-            Some(br#"{"id": 102, "qty": 1, "name": "a\u0000b"}"#.to_vec()),
-        ),
-        (
-            "violates check constraint",
-            Some(br#"{"id": 103, "qty": -5, "name": "x"}"#.to_vec()),
-        ),
-        (
-            "violates not-null constraint",
-            Some(br#"{"id": 104, "qty": 1}"#.to_vec()),
-        ),
+        ("invalid input syntax for type integer", Some(br#"{"id": 101, "qty": "many", "name": "x"}"#.to_vec())),
+        ("NUL", Some(br#"{"id": 102, "qty": 1, "name": "a\u0000b"}"#.to_vec())),
+        ("violates check constraint", Some(br#"{"id": 103, "qty": -5, "name": "x"}"#.to_vec())),
+        ("violates not-null constraint", Some(br#"{"id": 104, "qty": 1}"#.to_vec())),
         ("duplicate key value", Some(good(1))),
         ("tombstone", None),
-        (
-            "out of range for type integer",
-            Some(br#"{"id": 105, "qty": 99999999999, "name": "x"}"#.to_vec()),
-        ),
+        ("out of range for type integer", Some(br#"{"id": 105, "qty": 99999999999, "name": "x"}"#.to_vec())),
     ];
     p.send(&topic, None, Some(b"k"), Some(&good(1)));
     for (i, (_, payload)) in cases.iter().enumerate() {
@@ -57,34 +38,26 @@ fn every_kind_of_bad_message_is_a_dead_letter_and_nothing_stalls() {
     }
     p.flush();
     let total = 1 + 2 * cases.len() as i64;
-    wait_for_count(
-        &format!("SELECT next_offset FROM kafka.offsets WHERE subscription = '{sub}'"),
-        total,
-        WAIT,
-    );
+    wait_for_count(&format!("SELECT next_offset FROM kafka.offsets WHERE subscription = '{sub}'"), total, WAIT);
     let letters: Vec<(i64, Option<Vec<u8>>, String)> = pg
-        .query(&format!("SELECT \"offset\", payload, error FROM kafka.dead_letters WHERE subscription = '{sub}' ORDER BY 1"), &[])
+        .query(
+            &format!(
+                "SELECT \"offset\", payload, error FROM kafka.dead_letters WHERE subscription = '{sub}' ORDER BY 1"
+            ),
+            &[],
+        )
         .unwrap()
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
     assert_eq!(letters.len(), cases.len(), "{letters:?}");
     for ((expected, payload), (offset, stored, error)) in cases.iter().zip(&letters) {
-        assert!(
-            error.contains(expected),
-            "offset {offset}: expected an error about {expected}, got {error}"
-        );
-        assert_eq!(
-            stored, payload,
-            "the dead letter keeps the raw message at offset {offset}"
-        );
+        assert!(error.contains(expected), "offset {offset}: expected an error about {expected}, got {error}");
+        assert_eq!(stored, payload, "the dead letter keeps the raw message at offset {offset}");
         assert_eq!(offset % 2, 1, "bad messages are at odd offsets");
     }
     // The good messages between the bad ones all landed.
-    assert_eq!(
-        count(&mut pg, &format!("SELECT count(*) FROM {table}")),
-        1 + cases.len() as i64
-    );
+    assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM {table}")), 1 + cases.len() as i64);
     drop_subscription(&mut pg, &sub);
 }
 
@@ -93,8 +66,7 @@ fn a_missing_table_holds_the_offsets_and_heals() {
     let mut pg = pg();
     let (topic, table, sub) = (unique("gone"), unique("gone"), unique("sub"));
     create_topic(&topic, 1);
-    pg.batch_execute(&format!("CREATE TABLE {table} (id bigint)"))
-        .unwrap();
+    pg.batch_execute(&format!("CREATE TABLE {table} (id bigint)")).unwrap();
     create_subscription(&mut pg, &sub, &topic, &table, "");
     let p = producer();
     p.send_json(&topic, None, "1", &json!({"id": 1}));
@@ -108,35 +80,17 @@ fn a_missing_table_holds_the_offsets_and_heals() {
     wait_for("the status view to show the missing table", WAIT, || {
         last_error(&mut pg, &sub).is_some_and(|e| e.contains("does not exist"))
     });
-    assert_eq!(
-        count(
-            &mut pg,
-            &format!("SELECT next_offset FROM kafka.offsets WHERE subscription = '{sub}'")
-        ),
-        1
-    );
-    pg.batch_execute(&format!("CREATE TABLE {table} (id bigint)"))
-        .unwrap();
+    assert_eq!(count(&mut pg, &format!("SELECT next_offset FROM kafka.offsets WHERE subscription = '{sub}'")), 1);
+    pg.batch_execute(&format!("CREATE TABLE {table} (id bigint)")).unwrap();
     wait_for_count(&format!("SELECT count(*) FROM {table}"), 4, WAIT);
-    assert_eq!(
-        count(
-            &mut pg,
-            &format!("SELECT count(*) FROM kafka.dead_letters WHERE subscription = '{sub}'")
-        ),
-        0
-    );
+    assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM kafka.dead_letters WHERE subscription = '{sub}'")), 0);
     drop_subscription(&mut pg, &sub);
 }
 
 #[test]
 fn rows_are_written_with_the_owners_privileges() {
     let mut pg = pg();
-    let (topic, table, sub, role) = (
-        unique("priv"),
-        unique("priv"),
-        unique("sub"),
-        unique("owner"),
-    );
+    let (topic, table, sub, role) = (unique("priv"), unique("priv"), unique("sub"), unique("owner"));
     create_topic(&topic, 1);
     pg.batch_execute(&format!(
         "CREATE TABLE {table} (id bigint); CREATE ROLE {role}; GRANT INSERT ON {table} TO {role}; \
@@ -146,40 +100,22 @@ fn rows_are_written_with_the_owners_privileges() {
     .unwrap();
     create_subscription(&mut pg, &sub, &topic, &table, "");
     pg.batch_execute("RESET ROLE").unwrap();
-    let owner: String = pg
-        .query_one(
-            &format!("SELECT owner::text FROM kafka.subscriptions WHERE name = '{sub}'"),
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let owner: String =
+        pg.query_one(&format!("SELECT owner::text FROM kafka.subscriptions WHERE name = '{sub}'"), &[]).unwrap().get(0);
     assert_eq!(owner, role);
     let p = producer();
     p.send_json(&topic, None, "1", &json!({"id": 1}));
     p.flush();
     wait_for_count(&format!("SELECT count(*) FROM {table}"), 1, WAIT);
-    pg.batch_execute(&format!("REVOKE INSERT ON {table} FROM {role}"))
-        .unwrap();
+    pg.batch_execute(&format!("REVOKE INSERT ON {table} FROM {role}")).unwrap();
     p.send_json(&topic, None, "2", &json!({"id": 2}));
     p.flush();
-    wait_for(
-        "the status view to show the missing privilege",
-        WAIT,
-        || {
-            last_error(&mut pg, &sub)
-                .is_some_and(|e| e.contains("may not insert") || e.contains("permission denied"))
-        },
-    );
+    wait_for("the status view to show the missing privilege", WAIT, || {
+        last_error(&mut pg, &sub).is_some_and(|e| e.contains("may not insert") || e.contains("permission denied"))
+    });
     assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM {table}")), 1);
-    assert_eq!(
-        count(
-            &mut pg,
-            &format!("SELECT next_offset FROM kafka.offsets WHERE subscription = '{sub}'")
-        ),
-        1
-    );
-    pg.batch_execute(&format!("GRANT INSERT ON {table} TO {role}"))
-        .unwrap();
+    assert_eq!(count(&mut pg, &format!("SELECT next_offset FROM kafka.offsets WHERE subscription = '{sub}'")), 1);
+    pg.batch_execute(&format!("GRANT INSERT ON {table} TO {role}")).unwrap();
     wait_for_count(&format!("SELECT count(*) FROM {table}"), 2, WAIT);
     drop_subscription(&mut pg, &sub);
 }

@@ -40,11 +40,7 @@ fn json_messages_become_rows_with_metadata_and_offsets() {
     assert_eq!(row.get::<_, String>(1), "12.34");
     assert_eq!(row.get::<_, String>(2), "x\ty");
     assert_eq!(row.get::<_, Vec<String>>(3), vec!["a", "b"]);
-    assert_eq!(
-        row.get::<_, String>(4),
-        "none",
-        "a missing key takes the column default"
-    );
+    assert_eq!(row.get::<_, String>(4), "none", "a missing key takes the column default");
     assert_eq!(row.get::<_, String>(5), topic);
     assert_eq!(row.get::<_, String>(6), "7");
     assert_eq!(row.get::<_, i32>(7), 1);
@@ -52,28 +48,19 @@ fn json_messages_become_rows_with_metadata_and_offsets() {
     assert_eq!(row.get::<_, String>(9), "{}");
     // Offsets: each partition received 100 messages.
     let offsets = pg
-        .query(&format!("SELECT partition, next_offset FROM kafka.offsets WHERE subscription = '{sub}' ORDER BY 1"), &[])
+        .query(
+            &format!("SELECT partition, next_offset FROM kafka.offsets WHERE subscription = '{sub}' ORDER BY 1"),
+            &[],
+        )
         .unwrap();
     let offsets: Vec<(i32, i64)> = offsets.iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(offsets, vec![(0, 100), (1, 100), (2, 100)]);
     // Every row's position matches the stored partition, exactly once.
-    assert_eq!(
-        count(
-            &mut pg,
-            &format!("SELECT count(DISTINCT (_kafka_partition, _kafka_offset)) FROM {table}")
-        ),
-        300
-    );
+    assert_eq!(count(&mut pg, &format!("SELECT count(DISTINCT (_kafka_partition, _kafka_offset)) FROM {table}")), 300);
     let status = status(&mut pg, &sub);
     assert!(status.contains("running"), "{status}");
     drop_subscription(&mut pg, &sub);
-    assert_eq!(
-        count(
-            &mut pg,
-            &format!("SELECT count(*) FROM kafka.offsets WHERE subscription = '{sub}'")
-        ),
-        0
-    );
+    assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM kafka.offsets WHERE subscription = '{sub}'")), 0);
 }
 
 #[test]
@@ -87,63 +74,28 @@ fn text_and_bytea_formats() {
          CREATE TABLE {bytea_table} (body bytea, _kafka_key bytea)"
     ))
     .unwrap();
-    create_subscription(
-        &mut pg,
-        &text_sub,
-        &topic,
-        &text_table,
-        ", format => 'text'",
-    );
-    create_subscription(
-        &mut pg,
-        &bytea_sub,
-        &topic,
-        &bytea_table,
-        ", format => 'bytea'",
-    );
+    create_subscription(&mut pg, &text_sub, &topic, &text_table, ", format => 'text'");
+    create_subscription(&mut pg, &bytea_sub, &topic, &bytea_table, ", format => 'bytea'");
     let p = producer();
-    p.send(
-        &topic,
-        None,
-        Some(&[0xff, 0]),
-        Some(b"line one\\ with\ttab"),
-    );
+    p.send(&topic, None, Some(&[0xff, 0]), Some(b"line one\\ with\ttab"));
     p.send(&topic, None, None, Some(&[0xc3, 0x28]));
     p.flush();
     wait_for_count(&format!("SELECT count(*) FROM {bytea_table}"), 2, WAIT);
     wait_for_count(&format!("SELECT count(*) FROM {text_table}"), 1, WAIT);
-    let text: String = pg
-        .query_one(&format!("SELECT payload FROM {text_table}"), &[])
-        .unwrap()
-        .get(0);
+    let text: String = pg.query_one(&format!("SELECT payload FROM {text_table}"), &[]).unwrap().get(0);
     assert_eq!(text, "line one\\ with\ttab");
     let blobs: Vec<(Vec<u8>, Option<Vec<u8>>)> = pg
-        .query(
-            &format!("SELECT body, _kafka_key FROM {bytea_table} ORDER BY length(body) DESC"),
-            &[],
-        )
+        .query(&format!("SELECT body, _kafka_key FROM {bytea_table} ORDER BY length(body) DESC"), &[])
         .unwrap()
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    assert_eq!(
-        blobs[0],
-        (b"line one\\ with\ttab".to_vec(), Some(vec![0xff, 0]))
-    );
+    assert_eq!(blobs[0], (b"line one\\ with\ttab".to_vec(), Some(vec![0xff, 0])));
     assert_eq!(blobs[1], (vec![0xc3, 0x28], None));
     // The invalid UTF-8 message is a dead letter of the text subscription, with its bytes.
-    wait_for_count(
-        &format!("SELECT count(*) FROM kafka.dead_letters WHERE subscription = '{text_sub}'"),
-        1,
-        WAIT,
-    );
+    wait_for_count(&format!("SELECT count(*) FROM kafka.dead_letters WHERE subscription = '{text_sub}'"), 1, WAIT);
     let (payload, error): (Vec<u8>, String) = pg
-        .query_one(
-            &format!(
-                "SELECT payload, error FROM kafka.dead_letters WHERE subscription = '{text_sub}'"
-            ),
-            &[],
-        )
+        .query_one(&format!("SELECT payload, error FROM kafka.dead_letters WHERE subscription = '{text_sub}'"), &[])
         .map(|r| (r.get(0), r.get(1)))
         .unwrap();
     assert_eq!(payload, vec![0xc3, 0x28]);
@@ -157,19 +109,11 @@ fn several_workers_split_the_partitions() {
     let mut pg = pg();
     let (topic, table, sub) = (unique("multi"), unique("multi"), unique("sub"));
     create_topic(&topic, 4);
-    pg.batch_execute(&format!(
-        "CREATE TABLE {table} (id bigint PRIMARY KEY, _kafka_partition int)"
-    ))
-    .unwrap();
+    pg.batch_execute(&format!("CREATE TABLE {table} (id bigint PRIMARY KEY, _kafka_partition int)")).unwrap();
     create_subscription(&mut pg, &sub, &topic, &table, ", workers => 2");
     let p = producer();
     for i in 0..400i64 {
-        p.send_json(
-            &topic,
-            Some((i % 4) as i32),
-            &i.to_string(),
-            &json!({"id": i}),
-        );
+        p.send_json(&topic, Some((i % 4) as i32), &i.to_string(), &json!({"id": i}));
     }
     p.flush();
     wait_for_count(&format!("SELECT count(*) FROM {table}"), 400, WAIT);
@@ -185,10 +129,8 @@ fn several_workers_split_the_partitions() {
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     assert_eq!(split, vec![(0, 0), (1, 1), (0, 2), (1, 3)]);
-    let backend_types = count(
-        &mut pg,
-        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_kafka_bridge subscription'",
-    );
+    let backend_types =
+        count(&mut pg, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_kafka_bridge subscription'");
     assert!(backend_types >= 2);
     drop_subscription(&mut pg, &sub);
 }
@@ -198,8 +140,7 @@ fn stop_is_prompt_and_start_resumes_where_it_stopped() {
     let mut pg = pg();
     let (topic, table, sub) = (unique("stop"), unique("stop"), unique("sub"));
     create_topic(&topic, 1);
-    pg.batch_execute(&format!("CREATE TABLE {table} (id bigint PRIMARY KEY)"))
-        .unwrap();
+    pg.batch_execute(&format!("CREATE TABLE {table} (id bigint PRIMARY KEY)")).unwrap();
     create_subscription(&mut pg, &sub, &topic, &table, "");
     let p = producer();
     for i in 0..50i64 {
@@ -207,38 +148,25 @@ fn stop_is_prompt_and_start_resumes_where_it_stopped() {
     }
     p.flush();
     wait_for_count(&format!("SELECT count(*) FROM {table}"), 50, WAIT);
-    pg.batch_execute(&format!("SELECT kafka.stop_subscription('{sub}')"))
-        .unwrap();
-    wait_for(
-        "the worker to exit after stop_subscription",
-        Duration::from_secs(5),
-        || worker_pids(&mut pg, &sub).is_empty(),
-    );
+    pg.batch_execute(&format!("SELECT kafka.stop_subscription('{sub}')")).unwrap();
+    wait_for("the worker to exit after stop_subscription", Duration::from_secs(5), || {
+        worker_pids(&mut pg, &sub).is_empty()
+    });
     for i in 50..80i64 {
         p.send_json(&topic, None, &i.to_string(), &json!({"id": i}));
     }
     p.flush();
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(
-        count(&mut pg, &format!("SELECT count(*) FROM {table}")),
-        50,
-        "a stopped subscription applies nothing"
-    );
-    pg.batch_execute(&format!("SELECT kafka.start_subscription('{sub}')"))
-        .unwrap();
+    assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM {table}")), 50, "a stopped subscription applies nothing");
+    pg.batch_execute(&format!("SELECT kafka.start_subscription('{sub}')")).unwrap();
     wait_for_count(&format!("SELECT count(*) FROM {table}"), 80, WAIT);
     // A worker killed with SIGTERM exits promptly and the launcher starts a new one.
     let pid = worker_pids(&mut pg, &sub)[0];
-    pg.execute("SELECT pg_terminate_backend($1)", &[&pid])
-        .unwrap();
-    wait_for(
-        "a new worker after SIGTERM",
-        Duration::from_secs(10),
-        || {
-            let pids = worker_pids(&mut pg, &sub);
-            !pids.is_empty() && !pids.contains(&pid)
-        },
-    );
+    pg.execute("SELECT pg_terminate_backend($1)", &[&pid]).unwrap();
+    wait_for("a new worker after SIGTERM", Duration::from_secs(10), || {
+        let pids = worker_pids(&mut pg, &sub);
+        !pids.is_empty() && !pids.contains(&pid)
+    });
     drop_subscription(&mut pg, &sub);
 }
 
@@ -247,16 +175,10 @@ fn partitions_added_while_running_are_consumed_from_their_start() {
     let mut pg = pg();
     let (topic, table, sub) = (unique("grow"), unique("grow"), unique("sub"));
     create_topic(&topic, 1);
-    pg.batch_execute(&format!(
-        "CREATE TABLE {table} (id bigint PRIMARY KEY, _kafka_partition int)"
-    ))
-    .unwrap();
+    pg.batch_execute(&format!("CREATE TABLE {table} (id bigint PRIMARY KEY, _kafka_partition int)")).unwrap();
     create_subscription(&mut pg, &sub, &topic, &table, ", start_from => 'latest'");
     wait_for("the worker to store its start position", WAIT, || {
-        count(
-            &mut pg,
-            &format!("SELECT count(*) FROM kafka.offsets WHERE subscription = '{sub}'"),
-        ) == 1
+        count(&mut pg, &format!("SELECT count(*) FROM kafka.offsets WHERE subscription = '{sub}'")) == 1
     });
     let p = producer();
     p.send_json(&topic, Some(0), "0", &json!({"id": 0}));
@@ -266,28 +188,11 @@ fn partitions_added_while_running_are_consumed_from_their_start() {
     // Written before the worker notices the new partitions: still consumed, since partitions
     // found later start at their beginning whatever start_from says.
     for i in 1..=20i64 {
-        p.send_json(
-            &topic,
-            Some((i % 3) as i32),
-            &i.to_string(),
-            &json!({"id": i}),
-        );
+        p.send_json(&topic, Some((i % 3) as i32), &i.to_string(), &json!({"id": i}));
     }
     p.flush();
     wait_for_count(&format!("SELECT count(*) FROM {table}"), 21, WAIT);
-    assert_eq!(
-        count(
-            &mut pg,
-            &format!("SELECT count(DISTINCT _kafka_partition) FROM {table}")
-        ),
-        3
-    );
-    assert_eq!(
-        count(
-            &mut pg,
-            &format!("SELECT count(*) FROM kafka.offsets WHERE subscription = '{sub}'")
-        ),
-        3
-    );
+    assert_eq!(count(&mut pg, &format!("SELECT count(DISTINCT _kafka_partition) FROM {table}")), 3);
+    assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM kafka.offsets WHERE subscription = '{sub}'")), 3);
     drop_subscription(&mut pg, &sub);
 }

@@ -14,8 +14,7 @@ fn broker_restart_mid_stream_loses_and_duplicates_nothing() {
     let mut pg = pg();
     let (topic, table, sub) = (unique("brk"), unique("brk"), unique("sub"));
     create_topic(&topic, 2);
-    pg.batch_execute(&format!("CREATE TABLE {table} (id bigint)"))
-        .unwrap();
+    pg.batch_execute(&format!("CREATE TABLE {table} (id bigint)")).unwrap();
     create_subscription(&mut pg, &sub, &topic, &table, "");
     let p = producer();
     for i in 0..500i64 {
@@ -37,10 +36,7 @@ fn broker_restart_mid_stream_loses_and_duplicates_nothing() {
     }
     p.flush();
     wait_for_count(&format!("SELECT count(*) FROM {table}"), 1000, WAIT);
-    assert_eq!(
-        count(&mut pg, &format!("SELECT count(DISTINCT id) FROM {table}")),
-        1000
-    );
+    assert_eq!(count(&mut pg, &format!("SELECT count(DISTINCT id) FROM {table}")), 1000);
     wait_for("the worker to report running again", WAIT, || {
         status(&mut pg, &sub).lines().all(|l| l.contains("running"))
     });
@@ -52,10 +48,7 @@ fn messages_of_aborted_transactions_never_land() {
     let mut pg = pg();
     let (topic, table, sub) = (unique("txn"), unique("txn"), unique("sub"));
     create_topic(&topic, 1);
-    pg.batch_execute(&format!(
-        "CREATE TABLE {table} (id bigint, committed boolean)"
-    ))
-    .unwrap();
+    pg.batch_execute(&format!("CREATE TABLE {table} (id bigint, committed boolean)")).unwrap();
     create_subscription(&mut pg, &sub, &topic, &table, "");
     for (round, commit) in [(0, false), (1, true), (2, false), (3, true)] {
         // A producer per transaction: the local broker lists an aborted transaction in fetch
@@ -70,28 +63,18 @@ fn messages_of_aborted_transactions_never_land() {
         producer.begin_transaction().unwrap();
         for i in 0..10 {
             let v = json!({"id": round * 10 + i, "committed": commit}).to_string();
-            producer
-                .send(BaseRecord::<(), String>::to(&topic).payload(&v))
-                .unwrap();
+            producer.send(BaseRecord::<(), String>::to(&topic).payload(&v)).unwrap();
         }
         producer.flush(Duration::from_secs(30)).unwrap();
         if commit {
-            producer
-                .commit_transaction(Duration::from_secs(30))
-                .unwrap();
+            producer.commit_transaction(Duration::from_secs(30)).unwrap();
         } else {
             producer.abort_transaction(Duration::from_secs(30)).unwrap();
         }
     }
     wait_for_count(&format!("SELECT count(*) FROM {table}"), 20, WAIT);
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(
-        count(
-            &mut pg,
-            &format!("SELECT count(*) FROM {table} WHERE committed")
-        ),
-        20
-    );
+    assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM {table} WHERE committed")), 20);
     assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM {table}")), 20);
     drop_subscription(&mut pg, &sub);
 }

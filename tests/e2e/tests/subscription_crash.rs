@@ -19,17 +19,9 @@ struct Plan {
 
 fn plan() -> Plan {
     if std::env::var("PGKB_SOAK").is_ok_and(|v| v == "1") {
-        Plan {
-            messages: 1_000_000,
-            kills: 50,
-            server_stops: 5,
-        }
+        Plan { messages: 1_000_000, kills: 50, server_stops: 5 }
     } else {
-        Plan {
-            messages: 120_000,
-            kills: 10,
-            server_stops: 2,
-        }
+        Plan { messages: 120_000, kills: 10, server_stops: 2 }
     }
 }
 
@@ -39,16 +31,9 @@ struct Rng(u64);
 
 impl Rng {
     fn new() -> Rng {
-        let seed = std::env::var("PGKB_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-                    | 1
-            });
+        let seed = std::env::var("PGKB_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
+        });
         println!("PGKB_SEED={seed}");
         Rng(seed)
     }
@@ -78,17 +63,8 @@ fn kill_minus_nine_and_immediate_stops_lose_and_duplicate_nothing() {
     let (topic, table, sub) = (unique("crash"), unique("crash"), unique("sub"));
     create_topic(&topic, 4);
     // No unique key on purpose: a message applied twice would show as a duplicate row.
-    pg.batch_execute(&format!(
-        "CREATE TABLE {table} (id bigint, _kafka_partition int, _kafka_offset bigint)"
-    ))
-    .unwrap();
-    create_subscription(
-        &mut pg,
-        &sub,
-        &topic,
-        &table,
-        ", workers => 2, batch_size => 2000",
-    );
+    pg.batch_execute(&format!("CREATE TABLE {table} (id bigint, _kafka_partition int, _kafka_offset bigint)")).unwrap();
+    create_subscription(&mut pg, &sub, &topic, &table, ", workers => 2, batch_size => 2000");
 
     let producing = Arc::new(AtomicBool::new(true));
     let producer_thread = {
@@ -100,12 +76,7 @@ fn kill_minus_nine_and_immediate_stops_lose_and_duplicate_nothing() {
             let mut id = 0;
             while id < total {
                 for _ in 0..chunk.min(total - id) {
-                    p.send(
-                        &topic,
-                        None,
-                        Some(id.to_string().as_bytes()),
-                        Some(format!("{{\"id\": {id}}}").as_bytes()),
-                    );
+                    p.send(&topic, None, Some(id.to_string().as_bytes()), Some(format!("{{\"id\": {id}}}").as_bytes()));
                     id += 1;
                 }
                 p.flush();
@@ -117,23 +88,15 @@ fn kill_minus_nine_and_immediate_stops_lose_and_duplicate_nothing() {
 
     let mut events = Vec::new();
     for _ in 0..plan.kills {
-        wait_for(
-            "a running subscription worker",
-            Duration::from_secs(60),
-            || !running_workers(&mut pg, &sub).is_empty(),
-        );
+        wait_for("a running subscription worker", Duration::from_secs(60), || {
+            !running_workers(&mut pg, &sub).is_empty()
+        });
         std::thread::sleep(Duration::from_millis(200 + rng.below(1500)));
         let pids = running_workers(&mut pg, &sub);
         if let Some(&pid) = pids.get(rng.below(pids.len().max(1) as u64) as usize) {
             let streaming = producing.load(Ordering::SeqCst);
-            let killed = Command::new("kill")
-                .args(["-9", &pid.to_string()])
-                .status()
-                .unwrap()
-                .success();
-            events.push(format!(
-                "kill -9 {pid} while streaming={streaming}: {killed}"
-            ));
+            let killed = Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success();
+            events.push(format!("kill -9 {pid} while streaming={streaming}: {killed}"));
         }
         pg = pg_kafka_bridge_e2e::pg();
     }
@@ -142,82 +105,35 @@ fn kill_minus_nine_and_immediate_stops_lose_and_duplicate_nothing() {
         let streaming = producing.load(Ordering::SeqCst);
         script("cluster", &["kill"]);
         script("cluster", &["start"]);
-        events.push(format!(
-            "immediate stop and start while streaming={streaming}"
-        ));
+        events.push(format!("immediate stop and start while streaming={streaming}"));
         pg = pg_kafka_bridge_e2e::pg();
     }
     println!("{}", events.join("\n"));
-    let kills_while_streaming = events
-        .iter()
-        .filter(|e| e.contains("streaming=true: true"))
-        .count();
-    assert!(
-        kills_while_streaming >= plan.kills,
-        "every kill must hit a live stream: {events:?}"
-    );
-    let stops_while_streaming = events
-        .iter()
-        .filter(|e| e.starts_with("immediate") && e.contains("streaming=true"))
-        .count();
-    assert!(
-        stops_while_streaming >= plan.server_stops,
-        "every stop must hit a live stream: {events:?}"
-    );
+    let kills_while_streaming = events.iter().filter(|e| e.contains("streaming=true: true")).count();
+    assert!(kills_while_streaming >= plan.kills, "every kill must hit a live stream: {events:?}");
+    let stops_while_streaming =
+        events.iter().filter(|e| e.starts_with("immediate") && e.contains("streaming=true")).count();
+    assert!(stops_while_streaming >= plan.server_stops, "every stop must hit a live stream: {events:?}");
 
     producer_thread.join().unwrap();
     let started = Instant::now();
-    wait_for_count(
-        &format!("SELECT count(*) FROM {table}"),
-        plan.messages,
-        Duration::from_secs(600),
-    );
-    println!(
-        "caught up {:?} after the producer finished",
-        started.elapsed()
-    );
+    wait_for_count(&format!("SELECT count(*) FROM {table}"), plan.messages, Duration::from_secs(600));
+    println!("caught up {:?} after the producer finished", started.elapsed());
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         count(&mut pg, &format!("SELECT count(*) FROM {table}")),
         plan.messages,
         "no duplicates after catching up"
     );
+    assert_eq!(count(&mut pg, &format!("SELECT count(DISTINCT id) FROM {table}")), plan.messages, "every message once");
+    assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM {table} WHERE id < 0 OR id >= {}", plan.messages)), 0);
     assert_eq!(
-        count(&mut pg, &format!("SELECT count(DISTINCT id) FROM {table}")),
-        plan.messages,
-        "every message once"
-    );
-    assert_eq!(
-        count(
-            &mut pg,
-            &format!(
-                "SELECT count(*) FROM {table} WHERE id < 0 OR id >= {}",
-                plan.messages
-            )
-        ),
-        0
-    );
-    assert_eq!(
-        count(
-            &mut pg,
-            &format!("SELECT count(DISTINCT (_kafka_partition, _kafka_offset)) FROM {table}")
-        ),
+        count(&mut pg, &format!("SELECT count(DISTINCT (_kafka_partition, _kafka_offset)) FROM {table}")),
         plan.messages
     );
-    let stored = count(
-        &mut pg,
-        &format!("SELECT sum(next_offset)::bigint FROM kafka.offsets WHERE subscription = '{sub}'"),
-    );
-    assert_eq!(
-        stored, plan.messages,
-        "the stored offsets cover exactly the messages applied"
-    );
-    assert_eq!(
-        count(
-            &mut pg,
-            &format!("SELECT count(*) FROM kafka.dead_letters WHERE subscription = '{sub}'")
-        ),
-        0
-    );
+    let stored =
+        count(&mut pg, &format!("SELECT sum(next_offset)::bigint FROM kafka.offsets WHERE subscription = '{sub}'"));
+    assert_eq!(stored, plan.messages, "the stored offsets cover exactly the messages applied");
+    assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM kafka.dead_letters WHERE subscription = '{sub}'")), 0);
     drop_subscription(&mut pg, &sub);
 }

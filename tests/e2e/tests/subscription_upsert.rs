@@ -20,10 +20,8 @@ fn last_message_per_key_wins_and_tombstones_delete() {
     let mut pg = pg();
     let (topic, table, sub) = (unique("ups"), unique("ups"), unique("sub"));
     create_topic(&topic, 1);
-    pg.batch_execute(&format!(
-        "CREATE TABLE {table} (id bigint PRIMARY KEY, v text NOT NULL, n int DEFAULT 7)"
-    ))
-    .unwrap();
+    pg.batch_execute(&format!("CREATE TABLE {table} (id bigint PRIMARY KEY, v text NOT NULL, n int DEFAULT 7)"))
+        .unwrap();
     create_subscription(&mut pg, &sub, &topic, &table, ", mode => 'upsert'");
     let p = producer();
     // One batch: updates and deletes of the same key in one go.
@@ -36,48 +34,24 @@ fn last_message_per_key_wins_and_tombstones_delete() {
     p.send_json(&topic, None, "3", &json!({"id": 3, "v": "c2"}));
     p.send_json(&topic, None, "4", &json!({"id": 4, "v": "d"}));
     p.flush();
-    wait_for_count(
-        &format!("SELECT next_offset FROM kafka.offsets WHERE subscription = '{sub}'"),
-        8,
-        WAIT,
-    );
-    assert_eq!(
-        rows(&mut pg, &table),
-        vec![(1, "a2".into()), (3, "c2".into()), (4, "d".into())]
-    );
+    wait_for_count(&format!("SELECT next_offset FROM kafka.offsets WHERE subscription = '{sub}'"), 8, WAIT);
+    assert_eq!(rows(&mut pg, &table), vec![(1, "a2".into()), (3, "c2".into()), (4, "d".into())]);
     // Later batches: a delete of an existing row, an update, a delete of a missing key.
     p.send(&topic, None, Some(b"4"), None);
     p.send_json(&topic, None, "1", &json!({"id": 1, "v": "a3"}));
     p.send(&topic, None, Some(b"99"), None);
     p.flush();
-    wait_for_count(
-        &format!("SELECT next_offset FROM kafka.offsets WHERE subscription = '{sub}'"),
-        11,
-        WAIT,
-    );
-    assert_eq!(
-        rows(&mut pg, &table),
-        vec![(1, "a3".into()), (3, "c2".into())]
-    );
-    let n: i32 = pg
-        .query_one(&format!("SELECT n FROM {table} WHERE id = 1"), &[])
-        .unwrap()
-        .get(0);
+    wait_for_count(&format!("SELECT next_offset FROM kafka.offsets WHERE subscription = '{sub}'"), 11, WAIT);
+    assert_eq!(rows(&mut pg, &table), vec![(1, "a3".into()), (3, "c2".into())]);
+    let n: i32 = pg.query_one(&format!("SELECT n FROM {table} WHERE id = 1"), &[]).unwrap().get(0);
     assert_eq!(n, 7, "a column missing from the message keeps its default");
     // A row that breaks a constraint is a dead letter; the rest of its batch applies.
     p.send_json(&topic, None, "5", &json!({"id": 5}));
     p.send_json(&topic, None, "6", &json!({"id": 6, "v": "f"}));
     p.flush();
-    wait_for_count(
-        &format!("SELECT count(*) FROM {table} WHERE id = 6"),
-        1,
-        WAIT,
-    );
+    wait_for_count(&format!("SELECT count(*) FROM {table} WHERE id = 6"), 1, WAIT);
     let error: String = pg
-        .query_one(
-            &format!("SELECT error FROM kafka.dead_letters WHERE subscription = '{sub}'"),
-            &[],
-        )
+        .query_one(&format!("SELECT error FROM kafka.dead_letters WHERE subscription = '{sub}'"), &[])
         .unwrap()
         .get(0);
     assert!(error.contains("not-null"), "{error}");
@@ -93,49 +67,16 @@ fn upsert_on_chosen_key_columns() {
         "CREATE TABLE {table} (id bigserial PRIMARY KEY, region text, code text, v text, UNIQUE (region, code))"
     ))
     .unwrap();
-    create_subscription(
-        &mut pg,
-        &sub,
-        &topic,
-        &table,
-        ", mode => 'upsert', key_columns => ARRAY['region', 'code']",
-    );
+    create_subscription(&mut pg, &sub, &topic, &table, ", mode => 'upsert', key_columns => ARRAY['region', 'code']");
     let p = producer();
-    p.send_json(
-        &topic,
-        None,
-        "x",
-        &json!({"region": "eu", "code": "a", "v": "1"}),
-    );
-    p.send_json(
-        &topic,
-        None,
-        "x",
-        &json!({"region": "us", "code": "a", "v": "2"}),
-    );
-    p.send_json(
-        &topic,
-        None,
-        "x",
-        &json!({"region": "eu", "code": "a", "v": "3"}),
-    );
-    p.send(
-        &topic,
-        None,
-        Some(br#"{"region": "us", "code": "a"}"#),
-        None,
-    );
+    p.send_json(&topic, None, "x", &json!({"region": "eu", "code": "a", "v": "1"}));
+    p.send_json(&topic, None, "x", &json!({"region": "us", "code": "a", "v": "2"}));
+    p.send_json(&topic, None, "x", &json!({"region": "eu", "code": "a", "v": "3"}));
+    p.send(&topic, None, Some(br#"{"region": "us", "code": "a"}"#), None);
     p.flush();
-    wait_for_count(
-        &format!("SELECT next_offset FROM kafka.offsets WHERE subscription = '{sub}'"),
-        4,
-        WAIT,
-    );
+    wait_for_count(&format!("SELECT next_offset FROM kafka.offsets WHERE subscription = '{sub}'"), 4, WAIT);
     let got: Vec<(String, String, String)> = pg
-        .query(
-            &format!("SELECT region, code, v FROM {table} ORDER BY region"),
-            &[],
-        )
+        .query(&format!("SELECT region, code, v FROM {table} ORDER BY region"), &[])
         .unwrap()
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
