@@ -35,6 +35,6 @@ rm -rf "$PGKB_PGDATA"
 bash scripts/cluster.sh start
 echo "== SQL regression suite (pg_test/)"
 bash scripts/regress.sh
-cargo test -p pg_kafka_bridge_e2e --profile e2e --tests -- --test-threads=1 2>&1 | tee -a "$results"
+cargo test -p pg_kafka_bridge_e2e --profile e2e --tests --no-fail-fast -- --test-threads=1 2>&1 | tee -a "$results"
 awk '/^test result:/ { passed += $4; failed += $6 } END { printf "all suites: %d passed, %d failed\n", passed, failed }' "$results"
 rm -f "$results"

@@ -185,6 +185,8 @@ fn partitions_added_while_running_are_consumed_from_their_start() {
     p.flush();
     wait_for_count(&format!("SELECT count(*) FROM {table}"), 1, WAIT);
     add_partitions(&topic, 3);
+    // A new producer: the first one's metadata knows one partition only.
+    let p = producer();
     // Written before the worker notices the new partitions: still consumed, since partitions
     // found later start at their beginning whatever start_from says.
     for i in 1..=20i64 {

@@ -66,16 +66,19 @@ fn kill_minus_nine_and_immediate_stops_lose_and_duplicate_nothing() {
     pg.batch_execute(&format!("CREATE TABLE {table} (id bigint, _kafka_partition int, _kafka_offset bigint)")).unwrap();
     create_subscription(&mut pg, &sub, &topic, &table, ", workers => 2, batch_size => 2000");
 
+    // The stream runs until the crashes are over and at least `plan.messages` are written,
+    // so that every kill and every stop hits it; the thread returns how many it wrote.
     let producing = Arc::new(AtomicBool::new(true));
+    let crashes_done = Arc::new(AtomicBool::new(false));
     let producer_thread = {
-        let (topic, producing, total) = (topic.clone(), producing.clone(), plan.messages);
+        let (topic, producing, crashes_done, total) =
+            (topic.clone(), producing.clone(), crashes_done.clone(), plan.messages);
         std::thread::spawn(move || {
             let p = producer();
-            // A steady stream for the whole kill phase: about a minute in the bounded variant.
             let chunk = (total / 400).max(1);
-            let mut id = 0;
-            while id < total {
-                for _ in 0..chunk.min(total - id) {
+            let mut id: i64 = 0;
+            while id < total || !crashes_done.load(Ordering::SeqCst) {
+                for _ in 0..chunk {
                     p.send(&topic, None, Some(id.to_string().as_bytes()), Some(format!("{{\"id\": {id}}}").as_bytes()));
                     id += 1;
                 }
@@ -83,20 +86,27 @@ fn kill_minus_nine_and_immediate_stops_lose_and_duplicate_nothing() {
                 std::thread::sleep(Duration::from_millis(120));
             }
             producing.store(false, Ordering::SeqCst);
+            id
         })
     };
 
     let mut events = Vec::new();
-    for _ in 0..plan.kills {
+    let mut kills = 0;
+    for _attempt in 0..plan.kills * 10 {
+        if kills == plan.kills {
+            break;
+        }
         wait_for("a running subscription worker", Duration::from_secs(60), || {
             !running_workers(&mut pg, &sub).is_empty()
         });
         std::thread::sleep(Duration::from_millis(200 + rng.below(1500)));
+        // The worker may be gone by now (a crash restart is under way): then try again.
         let pids = running_workers(&mut pg, &sub);
         if let Some(&pid) = pids.get(rng.below(pids.len().max(1) as u64) as usize) {
             let streaming = producing.load(Ordering::SeqCst);
             let killed = Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success();
             events.push(format!("kill -9 {pid} while streaming={streaming}: {killed}"));
+            kills += usize::from(killed);
         }
         pg = pg_kafka_bridge_e2e::pg();
     }
@@ -115,25 +125,23 @@ fn kill_minus_nine_and_immediate_stops_lose_and_duplicate_nothing() {
         events.iter().filter(|e| e.starts_with("immediate") && e.contains("streaming=true")).count();
     assert!(stops_while_streaming >= plan.server_stops, "every stop must hit a live stream: {events:?}");
 
-    producer_thread.join().unwrap();
+    crashes_done.store(true, Ordering::SeqCst);
+    let produced = producer_thread.join().unwrap();
+    println!("{produced} messages produced");
     let started = Instant::now();
-    wait_for_count(&format!("SELECT count(*) FROM {table}"), plan.messages, Duration::from_secs(600));
+    wait_for_count(&format!("SELECT count(*) FROM {table}"), produced, Duration::from_secs(600));
     println!("caught up {:?} after the producer finished", started.elapsed());
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(
-        count(&mut pg, &format!("SELECT count(*) FROM {table}")),
-        plan.messages,
-        "no duplicates after catching up"
-    );
-    assert_eq!(count(&mut pg, &format!("SELECT count(DISTINCT id) FROM {table}")), plan.messages, "every message once");
-    assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM {table} WHERE id < 0 OR id >= {}", plan.messages)), 0);
+    assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM {table}")), produced, "no duplicates after catching up");
+    assert_eq!(count(&mut pg, &format!("SELECT count(DISTINCT id) FROM {table}")), produced, "every message once");
+    assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM {table} WHERE id < 0 OR id >= {}", produced)), 0);
     assert_eq!(
         count(&mut pg, &format!("SELECT count(DISTINCT (_kafka_partition, _kafka_offset)) FROM {table}")),
-        plan.messages
+        produced
     );
     let stored =
         count(&mut pg, &format!("SELECT sum(next_offset)::bigint FROM kafka.offsets WHERE subscription = '{sub}'"));
-    assert_eq!(stored, plan.messages, "the stored offsets cover exactly the messages applied");
+    assert_eq!(stored, produced, "the stored offsets cover exactly the messages applied");
     assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM kafka.dead_letters WHERE subscription = '{sub}'")), 0);
     drop_subscription(&mut pg, &sub);
 }
