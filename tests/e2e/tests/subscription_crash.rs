@@ -46,13 +46,18 @@ impl Rng {
     }
 }
 
+/// PIDs of the subscription's workers. The connection may have been cut by a crash restart
+/// that began after it was opened: then it is opened again.
 fn running_workers(pg: &mut postgres::Client, sub: &str) -> Vec<i32> {
-    pg.query(
-        "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_kafka_bridge subscription' AND application_name = $1",
-        &[&sub],
-    )
-    .map(|rows| rows.iter().map(|r| r.get(0)).collect())
-    .unwrap_or_default()
+    let query = "SELECT pid FROM pg_stat_activity \
+                 WHERE backend_type = 'pg_kafka_bridge subscription' AND application_name = $1";
+    match pg.query(query, &[&sub]) {
+        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+        Err(_) => {
+            *pg = pg_kafka_bridge_e2e::pg();
+            Vec::new()
+        }
+    }
 }
 
 #[test]
