@@ -26,6 +26,8 @@ say "producing $messages JSON orders to topic $topic (3 partitions)"
 
 say "creating subscription 'demo' into table public.demo_orders"
 psql -v ON_ERROR_STOP=1 -q <<SQL
+SET client_min_messages = warning;
+\o /dev/null
 CREATE EXTENSION IF NOT EXISTS pg_kafka_bridge;
 SELECT kafka.drop_subscription(name) FROM kafka.subscriptions WHERE name = 'demo';
 DROP TABLE IF EXISTS public.demo_orders;
@@ -43,6 +45,8 @@ SELECT kafka.create_subscription(
     brokers => '$KAFKA_BROKERS',
     topic   => '$topic',
     target  => 'public.demo_orders'::regclass);
+\o
+\echo 'subscription demo created'
 SQL
 
 say "rows arriving"
