@@ -20,7 +20,9 @@ CREATE TABLE subscription_catalog (
     workers          integer NOT NULL CHECK (workers > 0),
     options          jsonb NOT NULL DEFAULT '{}',
     enabled          boolean NOT NULL DEFAULT true,
-    created_at       timestamptz NOT NULL DEFAULT now()
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    -- Partitions of the topic at the first start; start_from applies to these only.
+    initial_partitions integer
 );
 
 -- The durable consumer position: the next offset to apply, per partition. Advanced only in

@@ -170,6 +170,20 @@ pub fn extension_installed() -> Result<bool> {
         .unwrap_or(false))
 }
 
+/// How many partitions the topic had when the subscription first started: the first worker
+/// to start records `count`, later calls return what was recorded.
+pub fn initial_partitions(subscription_id: i32, count: i32) -> Result<i32> {
+    Spi::connect_mut(|client| {
+        let row = client.update(
+            "UPDATE kafka.subscription_catalog SET initial_partitions = coalesce(initial_partitions, $2) \
+             WHERE id = $1 RETURNING initial_partitions",
+            Some(1),
+            &[subscription_id.into(), count.into()],
+        )?;
+        Ok(if row.is_empty() { count } else { row.first().get_one::<i32>()?.unwrap_or(count) })
+    })
+}
+
 /// Stored positions of a subscription's partitions of `topic`.
 pub fn read_offsets(subscription: &str, topic: &str) -> Result<HashMap<i32, i64>> {
     Spi::connect(|client| {

@@ -81,8 +81,9 @@ impl SubscriptionWorker {
             unsafe { pg_sys::pgstat_report_appname(name.as_ptr()) };
         }
         let source = Arc::new(Source::connect(&subscription)?);
-        let partitions = self.owned(&source.partitions()?, subscription.workers);
-        let mut positions = self.positions(&subscription, &source, &partitions)?;
+        let all_partitions = source.partitions()?;
+        let partitions = self.owned(&all_partitions, subscription.workers);
+        let mut positions = self.positions(&subscription, &source, &partitions, all_partitions.len() as i32)?;
         source.assign(&positions)?;
         let applier = worker::transaction(|| Applier::new(&subscription, &target))?;
         shmem::update(self.id, |slot| slot.state = WorkerState::Running);
@@ -216,19 +217,23 @@ impl SubscriptionWorker {
     }
 
     /// The stored position of each owned partition. Partitions without one get their start
-    /// stored first: per `start_from` on the subscription's first start, the beginning of
-    /// the partition for partitions added later (all their messages are new).
+    /// stored first: the partitions the topic had when the subscription first started begin
+    /// where `start_from` says; partitions added later begin at their start, since all their
+    /// messages are new.
     fn positions(
         &self,
         subscription: &Subscription,
         source: &Source,
         partitions: &[i32],
+        partition_count: i32,
     ) -> Result<BTreeMap<i32, i64>> {
-        let stored = worker::transaction(|| catalog::read_offsets(&subscription.name, &subscription.topic))?;
-        let first_start = stored.is_empty();
-        let latest = first_start && subscription.start_from == "latest";
+        let (stored, initial_partitions) = worker::transaction(|| {
+            let initial = catalog::initial_partitions(subscription.id, partition_count)?;
+            Ok((catalog::read_offsets(&subscription.name, &subscription.topic)?, initial))
+        })?;
         let mut missing = Vec::new();
         for &p in partitions.iter().filter(|p| !stored.contains_key(p)) {
+            let latest = subscription.start_from == "latest" && p < initial_partitions;
             missing.push((p, source.boundary(p, latest)?));
         }
         if !missing.is_empty() {

@@ -198,3 +198,29 @@ fn partitions_added_while_running_are_consumed_from_their_start() {
     assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM kafka.offsets WHERE subscription = '{sub}'")), 3);
     drop_subscription(&mut pg, &sub);
 }
+
+#[test]
+fn start_from_latest_skips_the_existing_messages_of_every_worker() {
+    let mut pg = pg();
+    let (topic, table, sub) = (unique("latest"), unique("latest"), unique("sub"));
+    create_topic(&topic, 4);
+    pg.batch_execute(&format!("CREATE TABLE {table} (id bigint PRIMARY KEY)")).unwrap();
+    let p = producer();
+    for i in 0..40i64 {
+        p.send_json(&topic, Some((i % 4) as i32), &i.to_string(), &json!({"id": i}));
+    }
+    p.flush();
+    create_subscription(&mut pg, &sub, &topic, &table, ", start_from => 'latest', workers => 2");
+    wait_for("both workers to store their start positions", WAIT, || {
+        count(&mut pg, &format!("SELECT count(*) FROM kafka.offsets WHERE subscription = '{sub}' AND next_offset = 10"))
+            == 4
+    });
+    for i in 100..120i64 {
+        p.send_json(&topic, Some((i % 4) as i32), &i.to_string(), &json!({"id": i}));
+    }
+    p.flush();
+    wait_for_count(&format!("SELECT count(*) FROM {table}"), 20, WAIT);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM {table} WHERE id < 100")), 0);
+    drop_subscription(&mut pg, &sub);
+}
