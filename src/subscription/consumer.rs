@@ -5,7 +5,7 @@ use crate::catalog::Subscription;
 use crate::error::{BridgeError, Result};
 use crate::kafka::{BridgeContext, ErrorMailbox, Options};
 use crate::settings;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -83,6 +83,19 @@ impl Source {
         }
         self.consumer.assign(&list)?;
         Ok(())
+    }
+
+    /// Tells the broker's consumer group the positions PostgreSQL just committed, so that
+    /// Kafka's lag tools see the subscription. Informational only: positions are always read
+    /// back from PostgreSQL, and a failed commit here changes nothing.
+    pub fn publish_positions(&self, positions: impl Iterator<Item = (i32, i64)>) {
+        let mut list = TopicPartitionList::new();
+        for (partition, offset) in positions {
+            if list.add_partition_offset(&self.topic, partition, Offset::Offset(offset)).is_err() {
+                return;
+            }
+        }
+        let _ = self.consumer.commit(&list, CommitMode::Async);
     }
 
     /// The partition's high watermark as last seen in a fetch response (no network call).

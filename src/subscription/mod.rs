@@ -151,6 +151,7 @@ impl SubscriptionWorker {
             for a in &advances {
                 positions.insert(a.partition, a.to);
             }
+            session.source.publish_positions(advances.iter().map(|a| (a.partition, a.to)));
             backoff.reset();
             let applied = outcome.rows + outcome.dead_letters;
             meter.record(applied);

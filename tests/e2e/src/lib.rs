@@ -310,3 +310,22 @@ pub fn add_partitions(topic: &str, total: usize) {
         partition_count(topic) == total as i32
     });
 }
+
+/// Offsets committed to the broker by consumer group `group` for partitions `0..partitions`
+/// of `topic` (-1 where none).
+pub fn group_offsets(group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", brokers()).set("group.id", group).create().unwrap();
+    let mut list = TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition(topic, p);
+    }
+    let committed = consumer.committed_offsets(list, Duration::from_secs(10)).expect("committed offsets");
+    (0..partitions)
+        .map(|p| match committed.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o,
+            _ => -1,
+        })
+        .collect()
+}

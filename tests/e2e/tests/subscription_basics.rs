@@ -55,6 +55,9 @@ fn json_messages_become_rows_with_metadata_and_offsets() {
         .unwrap();
     let offsets: Vec<(i32, i64)> = offsets.iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(offsets, vec![(0, 100), (1, 100), (2, 100)]);
+    // The same positions, committed to the broker for Kafka's lag tools.
+    let group = format!("pg_kafka_bridge.{sub}");
+    wait_for("the consumer group's offsets", WAIT, || group_offsets(&group, &topic, 3) == vec![100, 100, 100]);
     // Every row's position matches the stored partition, exactly once.
     assert_eq!(count(&mut pg, &format!("SELECT count(DISTINCT (_kafka_partition, _kafka_offset)) FROM {table}")), 300);
     let status = status(&mut pg, &sub);
