@@ -20,7 +20,6 @@ const MANAGED_PROPERTIES: &[&str] = &[
     "isolation.level",
     "auto.offset.reset",
     "enable.partition.eof",
-    "transactional.id",
 ];
 
 /// Librdkafka properties given by a user, checked.

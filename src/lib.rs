@@ -12,7 +12,7 @@
 //! - [`worker`]: what every worker shares: entry, signals, transactions, backoff.
 //! - [`subscription`]: Kafka to PostgreSQL: consume, batch, apply, dead letters.
 //! - [`format`]: message to row conversion, pure Rust.
-//! - [`kafka`]: Kafka client configuration shared by both directions.
+//! - [`kafka`]: Kafka client options and the hand-over of librdkafka errors.
 
 use pgrx::prelude::*;
 

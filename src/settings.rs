@@ -14,7 +14,7 @@ static CONSUMER_QUEUE_KBYTES: GucSetting<i32> = GucSetting::<i32>::new(16_384);
 pub fn define() {
     GucRegistry::define_string_guc(
         c"pg_kafka_bridge.database",
-        c"Database in which the launcher looks for subscriptions and publications.",
+        c"Database in which the launcher looks for subscriptions.",
         c"The extension must be created in this database; its workers connect to it.",
         &DATABASE,
         GucContext::Postmaster,

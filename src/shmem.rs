@@ -8,7 +8,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::shmem::PGRXSharedMemory;
 
-/// Most workers (subscription and publication) that can run at once.
+/// Most workers that can run at once.
 pub const MAX_WORKERS: usize = 64;
 /// Most partitions per worker whose progress the status view shows.
 pub const MAX_PARTITIONS_SHOWN: usize = 128;
@@ -108,10 +108,6 @@ impl WorkerSlot {
         self.last_error[..end].copy_from_slice(&message.as_bytes()[..end]);
         self.last_error_len = end as u16;
         self.last_error_at = unsafe { pg_sys::GetCurrentTimestamp() };
-    }
-
-    pub fn clear_error(&mut self) {
-        self.last_error_len = 0;
     }
 
     pub fn partitions(&self) -> &[PartitionProgress] {

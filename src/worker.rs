@@ -87,14 +87,17 @@ pub fn transaction<R>(body: impl FnOnce() -> Result<R>) -> Result<R> {
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
-    let outcome = catch(body);
-    unsafe {
-        if outcome.is_ok() {
+    // The commit is inside the catch: a check deferred to commit may still fail.
+    let outcome = catch(|| {
+        let result = body()?;
+        unsafe {
             pg_sys::PopActiveSnapshot();
             pg_sys::CommitTransactionCommand();
-        } else {
-            pg_sys::AbortCurrentTransaction();
         }
+        Ok(result)
+    });
+    if outcome.is_err() {
+        unsafe { pg_sys::AbortCurrentTransaction() };
     }
     outcome
 }

@@ -260,13 +260,6 @@ pub struct EncodedBatch {
 }
 
 impl EncodedBatch {
-    pub fn clear(&mut self) {
-        self.buf.clear();
-        self.rows.clear();
-        self.rejected.clear();
-        self.column_sets.clear();
-    }
-
     /// The COPY text of `rows[range]`, which are consecutive lines.
     pub fn text(&self, range: Range<usize>) -> &[u8] {
         match (self.rows.get(range.start), range.end.checked_sub(1).and_then(|l| self.rows.get(l))) {

@@ -50,7 +50,11 @@ impl<'a> Applier<'a> {
 
     pub fn apply(&self, messages: &[Message], batch: &EncodedBatch, advances: &[Advance]) -> Result<BatchOutcome> {
         worker::transaction(|| {
+            self.target.check_unchanged()?;
             Spi::connect_mut(|client| {
+                // Deferred constraints are checked per statement, where a failing row can be
+                // isolated, rather than at commit.
+                client.update("SET CONSTRAINTS ALL IMMEDIATE", None, &[])?;
                 advances.iter().try_for_each(|a| {
                     catalog::advance_offset(
                         client,

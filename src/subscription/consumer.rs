@@ -123,6 +123,9 @@ pub fn is_fatal_poll_error(e: &KafkaError) -> bool {
         e.rdkafka_error_code(),
         Some(
             OffsetOutOfRange
+                // What librdkafka reports when a position is out of range and
+                // auto.offset.reset=error: it then stops fetching the partition.
+                | AutoOffsetReset
                 | UnknownTopicOrPartition
                 | UnknownTopic
                 | UnknownPartition

@@ -127,16 +127,14 @@ impl SubscriptionWorker {
             let broker_error = batch.broker_error.or_else(|| session.source.errors.take());
             let mut advances: BTreeMap<i32, Advance> = BTreeMap::new();
             for m in &batch.messages {
-                let from = positions.get(&m.partition).copied();
                 // The consumer starts at the stored positions and never seeks within a
                 // session, so anything else means the assignment changed under us.
-                if from.is_none_or(|from| m.offset < from) {
+                let Some(from) = positions.get(&m.partition).copied().filter(|from| m.offset >= *from) else {
                     return Err(BridgeError::Kafka(format!(
                         "received offset {} of partition {}, which this worker does not expect; re-reading positions",
                         m.offset, m.partition
                     )));
-                }
-                let from = from.unwrap_or_default();
+                };
                 advances.entry(m.partition).or_insert(Advance { partition: m.partition, from, to: from }).to =
                     m.offset + 1;
             }
@@ -152,6 +150,9 @@ impl SubscriptionWorker {
                 positions.insert(a.partition, a.to);
             }
             session.source.publish_positions(advances.iter().map(|a| (a.partition, a.to)));
+            // Flush the table statistics now and then (at most once a second), so that
+            // autovacuum and autoanalyze see the worker's writes.
+            unsafe { pg_sys::pgstat_report_stat(false) };
             backoff.reset();
             let applied = outcome.rows + outcome.dead_letters;
             meter.record(applied);
@@ -200,8 +201,12 @@ impl SubscriptionWorker {
         if !subscription.enabled || self.worker_index >= subscription.workers {
             return Ok(None);
         }
-        let format = Format::parse(&subscription.format).unwrap_or(Format::Json);
-        let mode = Mode::parse(&subscription.mode).unwrap_or(Mode::Insert);
+        let (Some(format), Some(mode)) = (Format::parse(&subscription.format), Mode::parse(&subscription.mode)) else {
+            return Err(BridgeError::NotInPrerequisiteState(format!(
+                "subscription \"{}\" has an unknown format or mode in the catalog",
+                subscription.name
+            )));
+        };
         let target = Target::open(
             &subscription.target_schema,
             &subscription.target_table,

@@ -73,6 +73,14 @@ impl Prefetcher {
     pub fn start(reader: Reader) -> Prefetcher {
         let (sender, batches) = sync_channel(1);
         let stop = reader.stop.clone();
+        // The thread starts with every signal blocked, so that PostgreSQL's handlers (SIGTERM,
+        // SIGHUP, latches) only ever run on the main thread.
+        let mut previous: libc::sigset_t = unsafe { std::mem::zeroed() };
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut previous);
+        }
         let thread = std::thread::Builder::new()
             .name("pgkb-prefetch".into())
             .spawn(move || {
@@ -85,6 +93,7 @@ impl Prefetcher {
                 }
             })
             .expect("spawn the prefetch thread");
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut()) };
         Prefetcher { batches: Some(batches), stop, thread: Some(thread) }
     }
 

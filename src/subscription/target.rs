@@ -12,6 +12,8 @@ pub struct Target {
     pub shape: TargetShape,
     /// Schema-qualified, quoted name, for messages and generated SQL.
     pub quoted_name: String,
+    /// The writable columns' names and types when the table was described.
+    signature: Option<String>,
 }
 
 impl Target {
@@ -53,7 +55,20 @@ impl Target {
         }
         let shape = TargetShape::new(columns, format, mode, &keys)
             .map_err(|e| BridgeError::InvalidParameter(format!("table {quoted_name}: {e}")))?;
-        Ok(Target { relid, shape, quoted_name })
+        let signature = column_signature(relid)?;
+        Ok(Target { relid, shape, quoted_name, signature })
+    }
+
+    /// Fails if the table's columns changed since it was described (or it is gone): the
+    /// worker then describes it again rather than write rows shaped for the old table.
+    pub fn check_unchanged(&self) -> Result<()> {
+        if column_signature(self.relid)? == self.signature {
+            return Ok(());
+        }
+        Err(BridgeError::NotInPrerequisiteState(format!(
+            "table {} changed or was dropped; describing it again",
+            self.quoted_name
+        )))
     }
 
     /// Checks that `role` may write the table as the subscription's mode needs.
@@ -119,6 +134,15 @@ fn writable_columns(relid: pg_sys::Oid) -> Result<Vec<ColumnInfo>> {
     })
 }
 
+fn column_signature(relid: pg_sys::Oid) -> Result<Option<String>> {
+    Ok(Spi::get_one_with_args::<String>(
+        "SELECT string_agg(attname || ':' || atttypid || ':' || atttypmod, ',' ORDER BY attnum) \
+           FROM pg_catalog.pg_attribute \
+          WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = ''",
+        &[relid.into()],
+    )?)
+}
+
 fn primary_key_columns(relid: pg_sys::Oid) -> Result<Vec<String>> {
     Ok(Spi::get_one_with_args::<Vec<String>>(
         "SELECT array_agg(a.attname::text ORDER BY array_position(i.indkey::int2[], a.attnum)) \
@@ -134,7 +158,7 @@ fn has_unique_index_on(relid: pg_sys::Oid, columns: &[String]) -> Result<bool> {
     Ok(Spi::get_one_with_args::<bool>(
         "SELECT EXISTS ( \
            SELECT 1 FROM pg_catalog.pg_index i \
-            WHERE i.indrelid = $1 AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL \
+            WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL \
               AND (SELECT array_agg(a.attname::text ORDER BY a.attname::text COLLATE \"C\") FROM pg_catalog.pg_attribute a \
                     WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)) \
                   = (SELECT array_agg(c ORDER BY c COLLATE \"C\") FROM unnest($2::text[]) c) \
