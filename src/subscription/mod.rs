@@ -24,6 +24,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use target::Target;
 
+/// How often applied positions are committed to the broker's consumer group (for Kafka's
+/// lag tools only; PostgreSQL holds the positions that count).
+const PUBLISH_INTERVAL: Duration = Duration::from_secs(5);
+
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn pg_kafka_bridge_subscription_main(_arg: pg_sys::Datum) {
@@ -110,6 +114,7 @@ impl SubscriptionWorker {
         });
         let mut next_refresh = Instant::now() + settings::metadata_refresh();
         let mut meter = RateMeter::default();
+        let mut next_publish = Instant::now();
         loop {
             worker::check_signals();
             if Instant::now() >= next_refresh {
@@ -149,7 +154,10 @@ impl SubscriptionWorker {
             for a in &advances {
                 positions.insert(a.partition, a.to);
             }
-            session.source.publish_positions(advances.iter().map(|a| (a.partition, a.to)));
+            if Instant::now() >= next_publish {
+                session.source.publish_positions(positions.iter().map(|(p, o)| (*p, *o)));
+                next_publish = Instant::now() + PUBLISH_INTERVAL;
+            }
             // Flush the table statistics now and then (at most once a second), so that
             // autovacuum and autoanalyze see the worker's writes.
             unsafe { pg_sys::pgstat_report_stat(false) };
