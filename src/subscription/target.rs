@@ -5,6 +5,7 @@ use crate::catalog;
 use crate::error::{BridgeError, Result};
 use crate::format::{ColumnInfo, Format, Mode, TargetShape, ValueKind};
 use pgrx::prelude::*;
+use pgrx::PgTupleDesc;
 
 /// The target table of a subscription, resolved and described.
 pub struct Target {
@@ -134,13 +135,24 @@ fn writable_columns(relid: pg_sys::Oid) -> Result<Vec<ColumnInfo>> {
     })
 }
 
+/// Names and types of the writable columns, from the relation cache (cheap enough to run
+/// before every batch); `None` if the table is gone.
 fn column_signature(relid: pg_sys::Oid) -> Result<Option<String>> {
-    Ok(Spi::get_one_with_args::<String>(
-        "SELECT string_agg(attname || ':' || atttypid || ':' || atttypmod, ',' ORDER BY attnum) \
-           FROM pg_catalog.pg_attribute \
-          WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = ''",
-        &[relid.into()],
-    )?)
+    unsafe {
+        // Taking the lock also processes pending invalidations, so the description is current.
+        let rel = pg_sys::try_relation_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        if rel.is_null() {
+            return Ok(None);
+        }
+        let signature = PgTupleDesc::from_pg_unchecked((*rel).rd_att)
+            .iter()
+            .filter(|a| !a.is_dropped() && a.attgenerated == 0)
+            .map(|a| format!("{}:{}:{}", a.name(), a.atttypid.to_u32(), a.atttypmod))
+            .collect::<Vec<_>>()
+            .join(",");
+        pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        Ok(Some(signature))
+    }
 }
 
 fn primary_key_columns(relid: pg_sys::Oid) -> Result<Vec<String>> {

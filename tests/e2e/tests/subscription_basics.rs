@@ -227,3 +227,23 @@ fn start_from_latest_skips_the_existing_messages_of_every_worker() {
     assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM {table} WHERE id < 100")), 0);
     drop_subscription(&mut pg, &sub);
 }
+
+#[test]
+fn columns_added_while_running_are_filled() {
+    let mut pg = pg();
+    let (topic, table, sub) = (unique("alter"), unique("alter"), unique("sub"));
+    create_topic(&topic, 1);
+    pg.batch_execute(&format!("CREATE TABLE {table} (id bigint)")).unwrap();
+    create_subscription(&mut pg, &sub, &topic, &table, "");
+    let p = producer();
+    p.send_json(&topic, None, "1", &json!({"id": 1, "note": "before"}));
+    p.flush();
+    wait_for_count(&format!("SELECT count(*) FROM {table}"), 1, WAIT);
+    pg.batch_execute(&format!("ALTER TABLE {table} ADD COLUMN note text")).unwrap();
+    p.send_json(&topic, None, "2", &json!({"id": 2, "note": "after"}));
+    p.flush();
+    wait_for_count(&format!("SELECT count(*) FROM {table} WHERE note = 'after'"), 1, WAIT);
+    assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM {table}")), 2);
+    assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM kafka.dead_letters WHERE subscription = '{sub}'")), 0);
+    drop_subscription(&mut pg, &sub);
+}
