@@ -10,6 +10,7 @@ static LAUNCHER_NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static RETRY_BACKOFF_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 static METADATA_REFRESH_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 static CONSUMER_QUEUE_KBYTES: GucSetting<i32> = GucSetting::<i32>::new(16_384);
+static PUBLISH_CONSUMER_OFFSETS: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 pub fn define() {
     GucRegistry::define_string_guc(
@@ -50,6 +51,14 @@ pub fn define() {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
+    GucRegistry::define_bool_guc(
+        c"pg_kafka_bridge.publish_consumer_offsets",
+        c"Also commit applied positions to each subscription's Kafka consumer group.",
+        c"Only so that Kafka's lag tools see subscriptions; positions are always read from kafka.offsets.",
+        &PUBLISH_CONSUMER_OFFSETS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"pg_kafka_bridge.consumer_queue_size",
         c"Most pre-fetched message data a subscription worker buffers (librdkafka queued.max.messages.kbytes).",
@@ -60,6 +69,10 @@ pub fn define() {
         GucContext::Sighup,
         GucFlags::UNIT_KB,
     );
+}
+
+pub fn publish_consumer_offsets() -> bool {
+    PUBLISH_CONSUMER_OFFSETS.get()
 }
 
 pub fn database() -> String {

@@ -154,7 +154,7 @@ impl SubscriptionWorker {
             for a in &advances {
                 positions.insert(a.partition, a.to);
             }
-            if Instant::now() >= next_publish {
+            if settings::publish_consumer_offsets() && Instant::now() >= next_publish {
                 session.source.publish_positions(positions.iter().map(|(p, o)| (*p, *o)));
                 next_publish = Instant::now() + PUBLISH_INTERVAL;
             }

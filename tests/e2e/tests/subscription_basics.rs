@@ -55,11 +55,20 @@ fn json_messages_become_rows_with_metadata_and_offsets() {
         .unwrap();
     let offsets: Vec<(i32, i64)> = offsets.iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(offsets, vec![(0, 100), (1, 100), (2, 100)]);
-    // The same positions, committed to the broker for Kafka's lag tools.
+    // Positions reach the broker's consumer group only when the setting says so; turning it
+    // on with a reload (SIGHUP) takes effect in the running worker.
     let group = format!("pg_kafka_bridge.{sub}");
-    wait_for("the consumer group's offsets", WAIT, || group_offsets(&group, &topic, 3) == vec![100, 100, 100]);
+    assert_eq!(group_offsets(&group, &topic, 3), vec![-1, -1, -1]);
+    pg.batch_execute("ALTER SYSTEM SET pg_kafka_bridge.publish_consumer_offsets = on").unwrap();
+    pg.batch_execute("SELECT pg_reload_conf()").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    p.send_json(&topic, Some(0), "300", &json!({"id": 300}));
+    p.flush();
+    wait_for("the consumer group's offsets", WAIT, || group_offsets(&group, &topic, 3) == vec![101, 100, 100]);
+    pg.batch_execute("ALTER SYSTEM RESET pg_kafka_bridge.publish_consumer_offsets").unwrap();
+    pg.batch_execute("SELECT pg_reload_conf()").unwrap();
     // Every row's position matches the stored partition, exactly once.
-    assert_eq!(count(&mut pg, &format!("SELECT count(DISTINCT (_kafka_partition, _kafka_offset)) FROM {table}")), 300);
+    assert_eq!(count(&mut pg, &format!("SELECT count(DISTINCT (_kafka_partition, _kafka_offset)) FROM {table}")), 301);
     let status = status(&mut pg, &sub);
     assert!(status.contains("running"), "{status}");
     drop_subscription(&mut pg, &sub);

@@ -21,6 +21,10 @@ use std::time::{Duration, Instant};
 /// Messages per second produced in the streaming phase.
 const STREAM_RATE: f64 = 150_000.0;
 
+/// Autovacuum would start on a freshly loaded table in the middle of a timed phase (the worker
+/// reports its writes as it goes, COPY only at its end): off for every table, both sides.
+const TABLE_OPTIONS: &str = "WITH (autovacuum_enabled = false)";
+
 const TABLE_COLUMNS: &str =
     "id bigint PRIMARY KEY, customer text, amount numeric(12,2), created_at timestamptz, payload jsonb";
 
@@ -41,7 +45,7 @@ fn main() {
 
     // Baseline: COPY FROM STDIN of the same rows into an identical empty table.
     let copy_table = unique("bench_copy");
-    pg.batch_execute(&format!("CREATE TABLE {copy_table} ({TABLE_COLUMNS}); CHECKPOINT")).unwrap();
+    pg.batch_execute(&format!("CREATE TABLE {copy_table} ({TABLE_COLUMNS}) {TABLE_OPTIONS}; CHECKPOINT")).unwrap();
     let started = Instant::now();
     let mut writer = pg.copy_in(&format!("COPY {copy_table} FROM STDIN")).unwrap();
     let mut buf = Vec::with_capacity(1 << 20);
@@ -61,7 +65,7 @@ fn main() {
     // The subscription, from the backlog.
     let table = unique("bench_sub");
     let sub = unique("bench");
-    pg.batch_execute(&format!("CREATE TABLE {table} ({TABLE_COLUMNS})")).unwrap();
+    pg.batch_execute(&format!("CREATE TABLE {table} ({TABLE_COLUMNS}) {TABLE_OPTIONS}")).unwrap();
     // The local broker answers a fetch with the whole rest of the topic, whatever the fetch
     // limits: the largest response must fit.
     let options = if local_broker() { r#"{"receive.message.max.bytes": "2000000000"}"# } else { "{}" };
@@ -83,7 +87,7 @@ fn main() {
     create_topic(&stream_topic, 4);
     let stream_table = unique("bench_stream");
     let stream_sub = unique("bench_stream");
-    pg.batch_execute(&format!("CREATE TABLE {stream_table} ({TABLE_COLUMNS})")).unwrap();
+    pg.batch_execute(&format!("CREATE TABLE {stream_table} ({TABLE_COLUMNS}) {TABLE_OPTIONS}")).unwrap();
     create_subscription(&mut pg, &stream_sub, &stream_topic, &stream_table, &batch_size_argument());
     wait_for("the streaming worker", Duration::from_secs(30), || !worker_pids(&mut pg, &stream_sub).is_empty());
     let sampler = MemorySampler::start(&stream_sub);
