@@ -216,20 +216,24 @@ pub fn insert_missing_offsets(subscription: &str, topic: &str, starts: &[(i32, i
 
 /// Moves a partition's position from `expected` to `next`. Fails with `OffsetMoved` if the
 /// stored position is not `expected`: another worker or a manual change moved it.
+/// The position must also still belong to this very subscription (by id): one dropped and
+/// created again under the same name is another subscription.
 pub fn advance_offset(
     client: &mut SpiClient,
-    subscription: &str,
-    topic: &str,
+    subscription: &Subscription,
     partition: i32,
     expected: i64,
     next: i64,
 ) -> Result<()> {
+    let (id, name, topic) = (subscription.id, subscription.name.as_str(), subscription.topic.as_str());
     let updated = client
         .update(
-            "UPDATE kafka.offsets SET next_offset = $5, updated_at = now() \
-             WHERE subscription = $1 AND topic = $2 AND partition = $3 AND next_offset = $4",
+            "UPDATE kafka.offsets o SET next_offset = $5, updated_at = now() \
+               FROM kafka.subscription_catalog s \
+              WHERE s.id = $1 AND o.subscription = s.name AND o.topic = $2 AND o.partition = $3 \
+                AND o.next_offset = $4",
             None,
-            &[subscription.into(), topic.into(), partition.into(), expected.into(), next.into()],
+            &[id.into(), topic.into(), partition.into(), expected.into(), next.into()],
         )?
         .len();
     if updated == 1 {
@@ -239,7 +243,7 @@ pub fn advance_offset(
         .select(
             "SELECT next_offset FROM kafka.offsets WHERE subscription = $1 AND topic = $2 AND partition = $3",
             Some(1),
-            &[subscription.into(), topic.into(), partition.into()],
+            &[name.into(), topic.into(), partition.into()],
         )?
         .first()
         .get_one::<i64>()

@@ -55,16 +55,9 @@ impl<'a> Applier<'a> {
                 // Deferred constraints are checked per statement, where a failing row can be
                 // isolated, rather than at commit.
                 client.update("SET CONSTRAINTS ALL IMMEDIATE", None, &[])?;
-                advances.iter().try_for_each(|a| {
-                    catalog::advance_offset(
-                        client,
-                        &self.subscription.name,
-                        &self.subscription.topic,
-                        a.partition,
-                        a.from,
-                        a.to,
-                    )
-                })
+                advances
+                    .iter()
+                    .try_for_each(|a| catalog::advance_offset(client, self.subscription, a.partition, a.from, a.to))
             })?;
             let mut dead: Vec<(usize, String)> = batch.rejected.iter().map(|r| (r.message, r.error.clone())).collect();
             let rejected_before_write = dead.len();
