@@ -246,6 +246,15 @@ pub fn consume_all(topic: &str, expected_at_least: usize, timeout: Duration) -> 
     out
 }
 
+/// A new topic of `partitions` partitions and a new table of `columns`, under names no other
+/// test uses; returns them with a fresh subscription name.
+pub fn topic_and_table(pg: &mut Client, prefix: &str, partitions: i32, columns: &str) -> (String, String, String) {
+    let (topic, table) = (unique(prefix), unique(prefix));
+    create_topic(&topic, partitions);
+    pg.batch_execute(&format!("CREATE TABLE {table} ({columns})")).unwrap();
+    (topic, table, unique("sub"))
+}
+
 /// Creates a subscription `name` from `topic` into `table`; `extra` adds named arguments
 /// (", format => 'text'").
 pub fn create_subscription(client: &mut Client, name: &str, topic: &str, table: &str, extra: &str) {

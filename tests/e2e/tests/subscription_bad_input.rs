@@ -11,12 +11,8 @@ const WAIT: Duration = Duration::from_secs(60);
 #[test]
 fn every_kind_of_bad_message_is_a_dead_letter_and_nothing_stalls() {
     let mut pg = pg();
-    let (topic, table, sub) = (unique("bad"), unique("bad"), unique("sub"));
-    create_topic(&topic, 1);
-    pg.batch_execute(&format!(
-        "CREATE TABLE {table} (id bigint PRIMARY KEY, qty int CHECK (qty >= 0), name text NOT NULL)"
-    ))
-    .unwrap();
+    let (topic, table, sub) =
+        topic_and_table(&mut pg, "bad", 1, "id bigint PRIMARY KEY, qty int CHECK (qty >= 0), name text NOT NULL");
     create_subscription(&mut pg, &sub, &topic, &table, "");
     let p = producer();
     let good = |id: i64| json!({"id": id, "qty": 1, "name": "ok"}).to_string().into_bytes();
@@ -64,9 +60,7 @@ fn every_kind_of_bad_message_is_a_dead_letter_and_nothing_stalls() {
 #[test]
 fn a_missing_table_holds_the_offsets_and_heals() {
     let mut pg = pg();
-    let (topic, table, sub) = (unique("gone"), unique("gone"), unique("sub"));
-    create_topic(&topic, 1);
-    pg.batch_execute(&format!("CREATE TABLE {table} (id bigint)")).unwrap();
+    let (topic, table, sub) = topic_and_table(&mut pg, "gone", 1, "id bigint");
     create_subscription(&mut pg, &sub, &topic, &table, "");
     let p = producer();
     p.send_json(&topic, None, "1", &json!({"id": 1}));

@@ -9,15 +9,15 @@ const WAIT: Duration = Duration::from_secs(60);
 #[test]
 fn json_messages_become_rows_with_metadata_and_offsets() {
     let mut pg = pg();
-    let (topic, table, sub) = (unique("json"), unique("orders"), unique("sub"));
-    create_topic(&topic, 3);
-    pg.batch_execute(&format!(
-        "CREATE TABLE {table} (id bigint PRIMARY KEY, customer text, amount numeric(12,2), \
+    let (topic, table, sub) = topic_and_table(
+        &mut pg,
+        "json",
+        3,
+        "id bigint PRIMARY KEY, customer text, amount numeric(12,2), \
          created_at timestamptz, payload jsonb, tags text[], note text DEFAULT 'none', \
          _kafka_topic text, _kafka_partition int, _kafka_offset bigint, _kafka_key text, \
-         _kafka_timestamp timestamptz, _kafka_headers jsonb)"
-    ))
-    .unwrap();
+         _kafka_timestamp timestamptz, _kafka_headers jsonb",
+    );
     create_subscription(&mut pg, &sub, &topic, &table, "");
     let p = producer();
     for i in 0..300i64 {
@@ -119,9 +119,7 @@ fn text_and_bytea_formats() {
 #[test]
 fn several_workers_split_the_partitions() {
     let mut pg = pg();
-    let (topic, table, sub) = (unique("multi"), unique("multi"), unique("sub"));
-    create_topic(&topic, 4);
-    pg.batch_execute(&format!("CREATE TABLE {table} (id bigint PRIMARY KEY, _kafka_partition int)")).unwrap();
+    let (topic, table, sub) = topic_and_table(&mut pg, "multi", 4, "id bigint PRIMARY KEY, _kafka_partition int");
     create_subscription(&mut pg, &sub, &topic, &table, ", workers => 2");
     let p = producer();
     for i in 0..400i64 {
@@ -150,9 +148,7 @@ fn several_workers_split_the_partitions() {
 #[test]
 fn stop_is_prompt_and_start_resumes_where_it_stopped() {
     let mut pg = pg();
-    let (topic, table, sub) = (unique("stop"), unique("stop"), unique("sub"));
-    create_topic(&topic, 1);
-    pg.batch_execute(&format!("CREATE TABLE {table} (id bigint PRIMARY KEY)")).unwrap();
+    let (topic, table, sub) = topic_and_table(&mut pg, "stop", 1, "id bigint PRIMARY KEY");
     create_subscription(&mut pg, &sub, &topic, &table, "");
     let p = producer();
     for i in 0..50i64 {
@@ -185,9 +181,7 @@ fn stop_is_prompt_and_start_resumes_where_it_stopped() {
 #[test]
 fn partitions_added_while_running_are_consumed_from_their_start() {
     let mut pg = pg();
-    let (topic, table, sub) = (unique("grow"), unique("grow"), unique("sub"));
-    create_topic(&topic, 1);
-    pg.batch_execute(&format!("CREATE TABLE {table} (id bigint PRIMARY KEY, _kafka_partition int)")).unwrap();
+    let (topic, table, sub) = topic_and_table(&mut pg, "grow", 1, "id bigint PRIMARY KEY, _kafka_partition int");
     create_subscription(&mut pg, &sub, &topic, &table, ", start_from => 'latest'");
     wait_for("the worker to store its start position", WAIT, || {
         count(&mut pg, &format!("SELECT count(*) FROM kafka.offsets WHERE subscription = '{sub}'")) == 1
@@ -214,9 +208,7 @@ fn partitions_added_while_running_are_consumed_from_their_start() {
 #[test]
 fn start_from_latest_skips_the_existing_messages_of_every_worker() {
     let mut pg = pg();
-    let (topic, table, sub) = (unique("latest"), unique("latest"), unique("sub"));
-    create_topic(&topic, 4);
-    pg.batch_execute(&format!("CREATE TABLE {table} (id bigint PRIMARY KEY)")).unwrap();
+    let (topic, table, sub) = topic_and_table(&mut pg, "latest", 4, "id bigint PRIMARY KEY");
     let p = producer();
     for i in 0..40i64 {
         p.send_json(&topic, Some((i % 4) as i32), &i.to_string(), &json!({"id": i}));
@@ -240,9 +232,7 @@ fn start_from_latest_skips_the_existing_messages_of_every_worker() {
 #[test]
 fn columns_added_while_running_are_filled() {
     let mut pg = pg();
-    let (topic, table, sub) = (unique("alter"), unique("alter"), unique("sub"));
-    create_topic(&topic, 1);
-    pg.batch_execute(&format!("CREATE TABLE {table} (id bigint)")).unwrap();
+    let (topic, table, sub) = topic_and_table(&mut pg, "alter", 1, "id bigint");
     create_subscription(&mut pg, &sub, &topic, &table, "");
     let p = producer();
     p.send_json(&topic, None, "1", &json!({"id": 1, "note": "before"}));

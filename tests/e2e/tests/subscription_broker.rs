@@ -12,9 +12,7 @@ const WAIT: Duration = Duration::from_secs(90);
 #[test]
 fn broker_restart_mid_stream_loses_and_duplicates_nothing() {
     let mut pg = pg();
-    let (topic, table, sub) = (unique("brk"), unique("brk"), unique("sub"));
-    create_topic(&topic, 2);
-    pg.batch_execute(&format!("CREATE TABLE {table} (id bigint)")).unwrap();
+    let (topic, table, sub) = topic_and_table(&mut pg, "brk", 2, "id bigint");
     create_subscription(&mut pg, &sub, &topic, &table, "");
     let p = producer();
     for i in 0..500i64 {
@@ -46,9 +44,7 @@ fn broker_restart_mid_stream_loses_and_duplicates_nothing() {
 #[test]
 fn messages_of_aborted_transactions_never_land() {
     let mut pg = pg();
-    let (topic, table, sub) = (unique("txn"), unique("txn"), unique("sub"));
-    create_topic(&topic, 1);
-    pg.batch_execute(&format!("CREATE TABLE {table} (id bigint, committed boolean)")).unwrap();
+    let (topic, table, sub) = topic_and_table(&mut pg, "txn", 1, "id bigint, committed boolean");
     create_subscription(&mut pg, &sub, &topic, &table, "");
     for (round, commit) in [(0, false), (1, true), (2, false), (3, true)] {
         // A producer per transaction: the local broker lists an aborted transaction in fetch

@@ -18,10 +18,8 @@ fn rows(pg: &mut postgres::Client, table: &str) -> Vec<(i64, String)> {
 #[test]
 fn last_message_per_key_wins_and_tombstones_delete() {
     let mut pg = pg();
-    let (topic, table, sub) = (unique("ups"), unique("ups"), unique("sub"));
-    create_topic(&topic, 1);
-    pg.batch_execute(&format!("CREATE TABLE {table} (id bigint PRIMARY KEY, v text NOT NULL, n int DEFAULT 7)"))
-        .unwrap();
+    let (topic, table, sub) =
+        topic_and_table(&mut pg, "ups", 1, "id bigint PRIMARY KEY, v text NOT NULL, n int DEFAULT 7");
     create_subscription(&mut pg, &sub, &topic, &table, ", mode => 'upsert'");
     let p = producer();
     // One batch: updates and deletes of the same key in one go.
@@ -61,12 +59,12 @@ fn last_message_per_key_wins_and_tombstones_delete() {
 #[test]
 fn upsert_on_chosen_key_columns() {
     let mut pg = pg();
-    let (topic, table, sub) = (unique("upk"), unique("upk"), unique("sub"));
-    create_topic(&topic, 1);
-    pg.batch_execute(&format!(
-        "CREATE TABLE {table} (id bigserial PRIMARY KEY, region text, code text, v text, UNIQUE (region, code))"
-    ))
-    .unwrap();
+    let (topic, table, sub) = topic_and_table(
+        &mut pg,
+        "upk",
+        1,
+        "id bigserial PRIMARY KEY, region text, code text, v text, UNIQUE (region, code)",
+    );
     create_subscription(&mut pg, &sub, &topic, &table, ", mode => 'upsert', key_columns => ARRAY['region', 'code']");
     let p = producer();
     p.send_json(&topic, None, "x", &json!({"region": "eu", "code": "a", "v": "1"}));
