@@ -30,8 +30,18 @@ max_wal_size = 4GB
 CONF
 }
 
+# Debian's PostgreSQL only lets approved libraries be logical decoding output plugins;
+# publications decode with the extension's own plugin.
+approve_output_plugin() {
+  local conf="$PGKB_PGDATA/postgresql.conf"
+  as_pg_user "$PG_BIN/postgres" --describe-config 2>/dev/null | grep -q '^output_plugin_libraries' || return 0
+  grep -q '^output_plugin_libraries' "$conf" && return 0
+  echo "output_plugin_libraries = 'pgoutput, test_decoding, pg_kafka_bridge'" >>"$conf"
+}
+
 start() {
   init
+  approve_output_plugin
   as_pg_user "$PG_BIN/pg_ctl" -D "$PGKB_PGDATA" status >/dev/null 2>&1 && return 0
   as_pg_user "$PG_BIN/pg_ctl" -D "$PGKB_PGDATA" -l "$log" -w -t 60 start >/dev/null
 }

@@ -51,4 +51,21 @@ CREATE TABLE dead_letters (
 );
 CREATE INDEX dead_letters_position ON dead_letters (subscription, topic, partition, "offset");
 
-REVOKE ALL ON subscription_catalog, offsets, dead_letters FROM PUBLIC;
+-- Publication definitions. Each owns the logical replication slot named in slot_name,
+-- created and dropped with it. Read through the view kafka.publications.
+CREATE TABLE publication_catalog (
+    id            serial PRIMARY KEY,
+    name          text NOT NULL UNIQUE,
+    owner         oid NOT NULL,
+    brokers       text NOT NULL,
+    -- Tables by OID, so that renames follow; a dropped table simply stops producing changes.
+    tables        oid[] NOT NULL,
+    topic         text NOT NULL,
+    progress_topic text NOT NULL,
+    slot_name     name NOT NULL UNIQUE,
+    options       jsonb NOT NULL DEFAULT '{}',
+    enabled       boolean NOT NULL DEFAULT true,
+    created_at    timestamptz NOT NULL DEFAULT now()
+);
+
+REVOKE ALL ON subscription_catalog, offsets, dead_letters, publication_catalog FROM PUBLIC;

@@ -29,8 +29,46 @@ SELECT s.name AS subscription,
        w.last_error_at,
        w.started_at
   FROM subscription_catalog s
-  LEFT JOIN worker_status() w ON w.kind = 'subscription' AND w.object_id = s.id
+  LEFT JOIN subscription_worker_status() w ON w.object_id = s.id
  ORDER BY s.name, w.worker, w.partition;
+
+CREATE VIEW publications AS
+SELECT p.name, p.owner::regrole AS owner, p.brokers, p.tables::regclass[] AS tables, p.topic,
+       p.progress_topic, p.slot_name,
+       CASE WHEN pg_catalog.pg_has_role(p.owner, 'USAGE') THEN p.options
+            ELSE (SELECT coalesce(jsonb_object_agg(k, '********'), '{}') FROM jsonb_object_keys(p.options) AS k)
+       END AS options,
+       p.enabled, p.created_at
+  FROM publication_catalog p;
+
+-- Positions are LSNs; published_lsn/published_seq is the position of the last event
+-- committed to Kafka. retained_wal_bytes is what the slot keeps from being recycled;
+-- lag_bytes is the WAL written since the last position confirmed to the slot.
+CREATE VIEW publication_status AS
+SELECT p.name AS publication,
+       w.pid,
+       CASE WHEN NOT p.enabled THEN 'stopped'
+            WHEN current_database() <> current_setting('pg_kafka_bridge.database') THEN 'inactive'
+            WHEN r.slot_name IS NULL THEN 'error'
+            ELSE coalesce(w.state, 'starting') END AS state,
+       p.slot_name AS slot,
+       r.confirmed_flush_lsn AS confirmed_lsn,
+       '0/0'::pg_lsn + w.published_lsn AS published_lsn,
+       w.published_seq,
+       w.published_commit_time,
+       pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), r.restart_lsn)::bigint AS retained_wal_bytes,
+       pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), r.confirmed_flush_lsn)::bigint AS lag_bytes,
+       w.events_per_second,
+       w.events_total,
+       CASE WHEN r.slot_name IS NULL THEN format('replication slot "%s" does not exist', p.slot_name)
+            WHEN r.wal_status = 'lost' THEN format('replication slot "%s" was invalidated: the WAL it needed was removed', p.slot_name)
+            ELSE w.last_error END AS last_error,
+       w.last_error_at,
+       w.started_at
+  FROM publication_catalog p
+  LEFT JOIN pg_catalog.pg_replication_slots r ON r.slot_name = p.slot_name
+  LEFT JOIN publication_worker_status() w ON w.object_id = p.id
+ ORDER BY p.name;
 
 -- Dead letters and offsets: every role sees those of the subscriptions it owns. The policies
 -- read the catalog as the querying role, which may read every column but the options.
@@ -46,8 +84,11 @@ CREATE POLICY owner_reads ON offsets FOR SELECT
     USING (EXISTS (SELECT 1 FROM subscription_catalog s
                     WHERE s.name = offsets.subscription AND pg_catalog.pg_has_role(s.owner, 'USAGE')));
 
+GRANT SELECT (id, name, owner, brokers, tables, topic, progress_topic, slot_name, enabled, created_at)
+    ON publication_catalog TO PUBLIC;
+
 GRANT USAGE ON SCHEMA kafka TO PUBLIC;
-GRANT SELECT ON subscriptions, subscription_status TO PUBLIC;
+GRANT SELECT ON subscriptions, subscription_status, publications, publication_status TO PUBLIC;
 GRANT SELECT ON offsets TO PUBLIC;
 GRANT SELECT, DELETE ON dead_letters TO PUBLIC;
 
@@ -55,5 +96,11 @@ REVOKE EXECUTE ON FUNCTION
     create_subscription(text, text, text, regclass, text, text, text[], text, integer, integer, integer, jsonb),
     start_subscription(text),
     stop_subscription(text),
-    drop_subscription(text)
+    drop_subscription(text),
+    create_publication(text, text, oid[], text, jsonb, text),
+    start_publication(text),
+    stop_publication(text),
+    drop_publication(text),
+    send(text, text, text, text),
+    send(text, text, bytea, bytea)
   FROM PUBLIC;

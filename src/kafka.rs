@@ -3,12 +3,17 @@
 
 use crate::error::{BridgeError, Result};
 use parking_lot::Mutex;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::KafkaError;
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::ProducerContext;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Properties the extension sets itself because its guarantees depend on them.
 const MANAGED_PROPERTIES: &[&str] = &[
@@ -20,6 +25,8 @@ const MANAGED_PROPERTIES: &[&str] = &[
     "isolation.level",
     "auto.offset.reset",
     "enable.partition.eof",
+    "transactional.id",
+    "enable.idempotence",
 ];
 
 /// Librdkafka properties given by a user, checked.
@@ -99,3 +106,53 @@ impl ClientContext for BridgeContext {
 }
 
 impl ConsumerContext for BridgeContext {}
+
+impl ProducerContext for BridgeContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _opaque: ()) {
+        if let Err((error, message)) = result {
+            use rdkafka::Message;
+            *self.errors.0.lock() = Some(format!("delivery to topic \"{}\" failed: {error}", message.topic()));
+        }
+    }
+}
+
+/// Creates a topic of one partition with the broker's default replication, unless it exists.
+/// `compacted` topics keep the last record of each key.
+pub fn create_topic_if_missing(config: &ClientConfig, topic: &str, compacted: bool) -> Result<()> {
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = config.create()?;
+    let mut new_topic = NewTopic::new(topic, 1, TopicReplication::Fixed(-1));
+    if compacted {
+        new_topic = new_topic.set("cleanup.policy", "compact");
+    }
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = block_on(admin.create_topics([&new_topic], &options))?;
+    for result in results {
+        match result {
+            Ok(_) => {}
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => return Err(BridgeError::Kafka(format!("creating topic \"{name}\": {code}"))),
+        }
+    }
+    Ok(())
+}
+
+/// Waits for a future of the admin client, whose own thread completes it.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
+    fn raw() -> RawWaker {
+        RawWaker::new(std::ptr::null(), &VTABLE)
+    }
+    static VTABLE: RawWakerVTable = RawWakerVTable::new(|_| raw(), |_| {}, |_| {}, |_| {});
+    let waker = unsafe { Waker::from_raw(raw()) };
+    let mut cx = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let Poll::Ready(v) = future.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        crate::worker::check_interrupts();
+    }
+}

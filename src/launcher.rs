@@ -1,6 +1,6 @@
 //! The launcher: a background worker registered at preload that keeps one worker running
-//! for each enabled subscription and worker index, and stops the workers of subscriptions
-//! that were stopped or dropped. It never touches Kafka.
+//! for each enabled subscription and worker index and for each enabled publication, and
+//! stops the workers of those that were stopped or dropped. It never touches Kafka.
 
 use crate::catalog;
 use crate::settings;
@@ -58,18 +58,24 @@ impl Launcher {
     fn reconcile(&mut self) {
         let wanted = match worker::transaction(|| {
             if !catalog::extension_installed()? {
-                return Ok(Vec::new());
+                return Ok(HashSet::new());
             }
-            catalog::enabled_subscriptions()
+            let subscriptions = catalog::enabled_subscriptions()?.into_iter().flat_map(|(id, workers)| {
+                (0..workers).map(move |index| WorkerKey { kind: WorkerKind::Subscription, object_id: id, index })
+            });
+            let database = unsafe { pg_sys::MyDatabaseId };
+            let publications = catalog::publication::enabled_publications()?
+                .into_iter()
+                .filter(|id| !shmem::is_dropping(database, *id))
+                .map(|id| WorkerKey { kind: WorkerKind::Publication, object_id: id, index: 0 });
+            Ok(subscriptions.chain(publications).collect())
         }) {
-            Ok(subscriptions) => subscriptions,
+            Ok(wanted) => wanted,
             Err(e) => {
                 warning!("pg_kafka_bridge launcher: could not read the catalog: {e}");
                 return;
             }
         };
-        let wanted: HashSet<(i32, i32)> =
-            wanted.into_iter().flat_map(|(id, workers)| (0..workers).map(move |i| (id, i))).collect();
 
         // A worker that exited without releasing its slot (it failed before attaching) must
         // not hold the slot: release it so that the worker is started again.
@@ -85,10 +91,7 @@ impl Launcher {
         let now = unsafe { pg_sys::GetCurrentTimestamp() };
         let mut present = HashSet::new();
         for (id, slot) in shmem::snapshot() {
-            let key = (slot.object_id, slot.worker_index);
-            if slot.kind != WorkerKind::Subscription {
-                continue;
-            }
+            let key = WorkerKey { kind: slot.kind, object_id: slot.object_id, index: slot.worker_index };
             if !wanted.contains(&key) {
                 if slot.pid > 0 {
                     unsafe { libc::kill(slot.pid, libc::SIGTERM) };
@@ -107,29 +110,29 @@ impl Launcher {
 
         let mut missing: Vec<_> = wanted.difference(&present).copied().collect();
         missing.sort();
-        for (subscription_id, worker_index) in missing {
-            self.start_subscription_worker(subscription_id, worker_index);
+        for key in missing {
+            self.start_worker(key);
         }
     }
 
-    fn start_subscription_worker(&mut self, subscription_id: i32, worker_index: i32) {
-        let Some(id) = shmem::claim(WorkerKind::Subscription, subscription_id, worker_index) else {
+    fn start_worker(&mut self, key: WorkerKey) {
+        let WorkerKey { kind, object_id, index } = key;
+        let kind_name = kind.as_str();
+        let Some(id) = shmem::claim(kind, object_id, index) else {
             warning!(
-                "pg_kafka_bridge launcher: all {} worker slots are in use; subscription {subscription_id} worker {worker_index} waits",
+                "pg_kafka_bridge launcher: all {} worker slots are in use; {kind_name} {object_id} worker {index} waits",
                 shmem::MAX_WORKERS
             );
             return;
         };
-        let started = BackgroundWorkerBuilder::new(&format!(
-            "pg_kafka_bridge subscription {subscription_id} worker {worker_index}"
-        ))
-        .set_type("pg_kafka_bridge subscription")
-        .set_library(LIBRARY)
-        .set_function("pg_kafka_bridge_subscription_main")
-        .enable_spi_access()
-        .set_extra(&id.encode())
-        .set_notify_pid(unsafe { pg_sys::MyProcPid })
-        .load_dynamic();
+        let started = BackgroundWorkerBuilder::new(&format!("pg_kafka_bridge {kind_name} {object_id} worker {index}"))
+            .set_type(&format!("pg_kafka_bridge {kind_name}"))
+            .set_library(LIBRARY)
+            .set_function(&format!("pg_kafka_bridge_{kind_name}_main"))
+            .enable_spi_access()
+            .set_extra(&id.encode())
+            .set_notify_pid(unsafe { pg_sys::MyProcPid })
+            .load_dynamic();
         match started {
             Ok(handle) => {
                 self.handles.insert(id, handle);
@@ -146,25 +149,53 @@ impl Launcher {
     }
 }
 
-/// Wakes the launcher when the current transaction commits, so that a subscription created,
-/// started or stopped in it takes effect at once, and one rolled back changes nothing.
+/// One worker the catalog asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct WorkerKey {
+    kind: WorkerKind,
+    object_id: i32,
+    index: i32,
+}
+
+/// Wakes the launcher when the current transaction commits, so that a subscription or
+/// publication created, started or stopped in it takes effect at once, and one rolled back
+/// changes nothing.
 pub fn wake_at_commit() {
+    register_transaction_callback();
+    WAKE_PENDING.store(true, Ordering::Relaxed);
+}
+
+/// Ends, with the current transaction, the drops of publications this backend began (see
+/// [`shmem::begin_dropping`]): committed, the publication is gone; rolled back, its worker
+/// may start again.
+pub fn end_drops_at_transaction_end() {
+    register_transaction_callback();
+    DROPS_PENDING.store(true, Ordering::Relaxed);
+}
+
+fn register_transaction_callback() {
     static REGISTERED: AtomicBool = AtomicBool::new(false);
     if !REGISTERED.swap(true, Ordering::Relaxed) {
         unsafe { pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut()) };
     }
-    WAKE_PENDING.store(true, Ordering::Relaxed);
 }
 
 static WAKE_PENDING: AtomicBool = AtomicBool::new(false);
+static DROPS_PENDING: AtomicBool = AtomicBool::new(false);
 
 #[pg_guard]
 unsafe extern "C-unwind" fn on_transaction_end(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
-    match event {
-        pg_sys::XactEvent::XACT_EVENT_COMMIT if WAKE_PENDING.swap(false, Ordering::Relaxed) => {
-            shmem::wake_launcher();
-        }
-        pg_sys::XactEvent::XACT_EVENT_ABORT => WAKE_PENDING.store(false, Ordering::Relaxed),
-        _ => {}
+    let (committed, aborted) =
+        (event == pg_sys::XactEvent::XACT_EVENT_COMMIT, event == pg_sys::XactEvent::XACT_EVENT_ABORT);
+    if (committed || aborted) && DROPS_PENDING.swap(false, Ordering::Relaxed) {
+        shmem::end_dropping();
+        // The launcher may start the worker of a publication whose drop rolled back.
+        shmem::wake_launcher();
+    }
+    if committed && WAKE_PENDING.swap(false, Ordering::Relaxed) {
+        shmem::wake_launcher();
+    }
+    if aborted {
+        WAKE_PENDING.store(false, Ordering::Relaxed);
     }
 }

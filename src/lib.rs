@@ -5,12 +5,15 @@
 //! - [`settings`]: the `pg_kafka_bridge.*` configuration parameters.
 //! - [`error`]: the error type and its mapping to SQLSTATEs.
 //! - [`catalog`]: the only code that reads and writes the `kafka.*` tables.
-//! - [`api`]: the SQL functions (`kafka.create_subscription`, ...), thin wrappers over the catalog.
+//! - [`api`]: the SQL functions (`kafka.create_subscription`, `kafka.send`, ...), thin wrappers
+//!   over the catalog.
 //! - [`shmem`]: worker slots in shared memory, which back the status views.
 //! - [`security`]: switching the current user for catalog writes and row writes.
 //! - [`launcher`]: the launcher background worker; it starts and stops workers, nothing else.
 //! - [`worker`]: what every worker shares: entry, signals, transactions, backoff.
 //! - [`subscription`]: Kafka to PostgreSQL: consume, batch, apply, dead letters.
+//! - [`publication`]: PostgreSQL to Kafka: logical decoding in the worker (and the output
+//!   plugin), change events, transactional publishing with progress records.
 //! - [`format`]: message to row conversion, pure Rust.
 //! - [`kafka`]: Kafka client options and the hand-over of librdkafka errors.
 
@@ -22,6 +25,7 @@ pub mod error;
 pub mod format;
 pub mod kafka;
 pub mod launcher;
+pub mod publication;
 pub mod security;
 pub mod settings;
 pub mod shmem;

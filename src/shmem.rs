@@ -14,10 +14,20 @@ pub const MAX_WORKERS: usize = 64;
 pub const MAX_PARTITIONS_SHOWN: usize = 128;
 const ERROR_TEXT_LEN: usize = 480;
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord)]
 #[repr(u8)]
 pub enum WorkerKind {
     Subscription = 1,
+    Publication = 2,
+}
+
+impl WorkerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerKind::Subscription => "subscription",
+            WorkerKind::Publication => "publication",
+        }
+    }
 }
 
 /// What a worker is doing; only ever in memory.
@@ -73,6 +83,11 @@ pub struct WorkerSlot {
     last_error_len: u16,
     pub partition_count: u16,
     pub partitions: [PartitionProgress; MAX_PARTITIONS_SHOWN],
+    /// Publications: position `(commit LSN, seq)` of the last event committed to Kafka.
+    pub published_lsn: u64,
+    pub published_seq: i64,
+    /// Publications: commit time of the transaction of that event.
+    pub published_commit_time: pg_sys::TimestampTz,
 }
 
 impl WorkerSlot {
@@ -93,6 +108,9 @@ impl WorkerSlot {
         last_error_len: 0,
         partition_count: 0,
         partitions: [PartitionProgress { partition: 0, next_offset: -1, high_watermark: -1 }; MAX_PARTITIONS_SHOWN],
+        published_lsn: 0,
+        published_seq: -1,
+        published_commit_time: 0,
     };
 
     pub fn last_error(&self) -> Option<String> {
@@ -124,16 +142,34 @@ impl WorkerSlot {
     }
 }
 
+/// Most publications that can be being dropped at once.
+const MAX_DROPPING: usize = 16;
+
+/// A publication whose slot a backend is dropping: the launcher must not start its worker.
+#[derive(Clone, Copy, Default)]
+struct Dropping {
+    database: pg_sys::Oid,
+    publication_id: i32,
+    /// The dropping backend; the entry lapses when that process is gone.
+    pid: i32,
+}
+
 pub struct Registry {
     /// The launcher's process latch (an address in shared memory), 0 while none runs.
     launcher_latch: usize,
     next_generation: u64,
     slots: [WorkerSlot; MAX_WORKERS],
+    dropping: [Dropping; MAX_DROPPING],
 }
 
 impl Default for Registry {
     fn default() -> Self {
-        Registry { launcher_latch: 0, next_generation: 1, slots: [WorkerSlot::EMPTY; MAX_WORKERS] }
+        Registry {
+            launcher_latch: 0,
+            next_generation: 1,
+            slots: [WorkerSlot::EMPTY; MAX_WORKERS],
+            dropping: [Dropping::default(); MAX_DROPPING],
+        }
     }
 }
 
@@ -222,4 +258,37 @@ pub fn wake_launcher() {
     if latch != 0 {
         unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
     }
+}
+
+/// Marks a publication of the current database as being dropped by this backend, so that no
+/// worker is started for it until [`end_dropping`]. Fails if too many drops run at once.
+pub fn begin_dropping(publication_id: i32) -> bool {
+    let (database, pid) = unsafe { (pg_sys::MyDatabaseId, pg_sys::MyProcPid) };
+    let mut reg = REGISTRY.exclusive();
+    let Some(entry) = reg.dropping.iter_mut().find(|d| d.pid == 0 || !process_alive(d.pid)) else {
+        return false;
+    };
+    *entry = Dropping { database, publication_id, pid };
+    true
+}
+
+/// Ends every drop this backend began.
+pub fn end_dropping() {
+    let pid = unsafe { pg_sys::MyProcPid };
+    for entry in REGISTRY.exclusive().dropping.iter_mut().filter(|d| d.pid == pid) {
+        *entry = Dropping::default();
+    }
+}
+
+/// Whether a live backend is dropping the publication.
+pub fn is_dropping(database: pg_sys::Oid, publication_id: i32) -> bool {
+    REGISTRY
+        .share()
+        .dropping
+        .iter()
+        .any(|d| d.pid != 0 && d.database == database && d.publication_id == publication_id && process_alive(d.pid))
+}
+
+fn process_alive(pid: i32) -> bool {
+    unsafe { libc::kill(pid, 0) == 0 }
 }

@@ -9,7 +9,7 @@ use pgrx::PgTryBuilder;
 use std::ffi::CStr;
 use std::panic::AssertUnwindSafe;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Sets up a worker process started by the launcher: signals, the database connection and
 /// the claim on its shared-memory slot. Returns `None` if the slot was handed to another
@@ -52,6 +52,12 @@ pub fn install_signal_handlers() {
 extern "C-unwind" {
     fn die(signal: std::ffi::c_int);
     fn SignalHandlerForConfigReload(signal: std::ffi::c_int);
+}
+
+/// Serves a pending SIGTERM (the process exits) or query cancel; safe anywhere on the main
+/// thread, including inside decoding callbacks.
+pub fn check_interrupts() {
+    pg_sys::check_for_interrupts!();
 }
 
 /// Handles pending signals: exits on SIGTERM, reloads the configuration on SIGHUP.
@@ -120,7 +126,8 @@ pub fn subtransaction<R>(body: impl FnOnce() -> Result<R>) -> Result<R> {
     outcome
 }
 
-fn catch<R>(body: impl FnOnce() -> Result<R>) -> Result<R> {
+/// Runs `body`, turning a PostgreSQL error (or a Rust panic) it raises into an `Err`.
+pub fn catch<R>(body: impl FnOnce() -> Result<R>) -> Result<R> {
     PgTryBuilder::new(AssertUnwindSafe(body)).catch_others(|caught| Err(BridgeError::from_caught(caught))).execute()
 }
 
@@ -152,5 +159,30 @@ impl Backoff {
         pgrx::log!("pg_kafka_bridge: {message}; retrying in {} ms", self.next.as_millis());
         sleep(self.next);
         self.next = (self.next * 2).min(settings::retry_backoff_max());
+    }
+}
+
+/// Rows (or events) per second over the last second or so.
+pub struct RateMeter {
+    window_start: Instant,
+    window_rows: usize,
+    pub rate: f64,
+}
+
+impl Default for RateMeter {
+    fn default() -> Self {
+        RateMeter { window_start: Instant::now(), window_rows: 0, rate: 0.0 }
+    }
+}
+
+impl RateMeter {
+    pub fn record(&mut self, rows: usize) {
+        self.window_rows += rows;
+        let elapsed = self.window_start.elapsed();
+        if elapsed >= Duration::from_secs(1) {
+            self.rate = self.window_rows as f64 / elapsed.as_secs_f64();
+            self.window_rows = 0;
+            self.window_start = Instant::now();
+        }
     }
 }

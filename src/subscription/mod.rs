@@ -13,7 +13,7 @@ use crate::error::{BridgeError, Result};
 use crate::format::{Format, Message as RowMessage, Mode};
 use crate::settings;
 use crate::shmem::{self, PartitionProgress, SlotId, WorkerState};
-use crate::worker::{self, Backoff};
+use crate::worker::{self, Backoff, RateMeter};
 use apply::{Advance, Applier};
 use consumer::Source;
 use pgrx::prelude::*;
@@ -255,30 +255,5 @@ impl SubscriptionWorker {
         }
         let stored = worker::transaction(|| catalog::read_offsets(&subscription.name, &subscription.topic))?;
         Ok(partitions.iter().filter_map(|p| stored.get(p).map(|o| (*p, *o))).collect())
-    }
-}
-
-/// Rows per second over the last second or so.
-struct RateMeter {
-    window_start: Instant,
-    window_rows: usize,
-    rate: f64,
-}
-
-impl Default for RateMeter {
-    fn default() -> Self {
-        RateMeter { window_start: Instant::now(), window_rows: 0, rate: 0.0 }
-    }
-}
-
-impl RateMeter {
-    fn record(&mut self, rows: usize) {
-        self.window_rows += rows;
-        let elapsed = self.window_start.elapsed();
-        if elapsed >= Duration::from_secs(1) {
-            self.rate = self.window_rows as f64 / elapsed.as_secs_f64();
-            self.window_rows = 0;
-            self.window_start = Instant::now();
-        }
     }
 }

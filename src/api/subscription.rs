@@ -1,5 +1,4 @@
-//! The SQL API: thin functions that check their arguments and the caller's rights, write the
-//! catalog, and wake the launcher when the transaction commits.
+//! Subscriptions: create, start, stop, drop.
 
 use crate::catalog::Subscription;
 use crate::error::{BridgeError, OrRaise, Result};
@@ -7,7 +6,7 @@ use crate::format::{Format, Mode};
 use crate::kafka::Options;
 use crate::launcher;
 use crate::security::as_catalog_owner;
-use crate::shmem::{self, WorkerKind};
+use crate::shmem;
 use crate::subscription::target::Target;
 use pgrx::prelude::*;
 use pgrx::{JsonB, PgRelation};
@@ -52,16 +51,7 @@ fn create_subscription(
     validate(&subscription, &target).or_raise();
     as_catalog_owner(|| subscription.insert()).or_raise();
     launcher::wake_at_commit();
-    let database = crate::settings::database();
-    if current_database() != database {
-        warning!(
-            "subscription \"{name}\" will not run in this database: workers run only in database \"{database}\" (pg_kafka_bridge.database)"
-        );
-    }
-}
-
-fn current_database() -> String {
-    unsafe { std::ffi::CStr::from_ptr(pg_sys::get_database_name(pg_sys::MyDatabaseId)) }.to_string_lossy().into_owned()
+    super::warn_if_workers_run_elsewhere("subscription", name);
 }
 
 fn validate(s: &Subscription, target: &PgRelation) -> Result<()> {
@@ -76,15 +66,7 @@ fn validate(s: &Subscription, target: &PgRelation) -> Result<()> {
     if s.brokers.is_empty() {
         return invalid("brokers must name at least one host:port".into());
     }
-    if s.topic.is_empty()
-        || s.topic.len() > 249
-        || !s.topic.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
-    {
-        return invalid(format!(
-            "invalid topic name \"{}\": Kafka topics use 1 to 249 letters, digits, '_', '.' or '-'",
-            s.topic
-        ));
-    }
+    super::check_topic_name(&s.topic)?;
     let Some(format) = Format::parse(&s.format) else {
         return invalid(format!("unknown format \"{}\": use {}", s.format, Format::NAMES));
     };
@@ -139,84 +121,9 @@ fn change_subscription(name: &str, change: impl FnOnce(&Subscription) -> Result<
     let caller = unsafe { pg_sys::GetUserId() };
     as_catalog_owner(|| {
         let subscription = Subscription::by_name_for_update(name)?;
-        if !unsafe { pg_sys::has_privs_of_role(caller, subscription.owner) } {
-            return Err(BridgeError::InsufficientPrivilege(format!("must be owner of subscription \"{name}\"")));
-        }
+        super::check_owner(caller, subscription.owner, "subscription", name)?;
         change(&subscription)
     })?;
     launcher::wake_at_commit();
     Ok(())
-}
-
-/// One row per worker and partition it consumes, from the workers' shared-memory slots.
-#[pg_extern(volatile, parallel_unsafe)]
-#[allow(clippy::type_complexity)]
-fn worker_status() -> TableIterator<
-    'static,
-    (
-        name!(kind, String),
-        name!(object_id, i32),
-        name!(worker, i32),
-        name!(pid, Option<i32>),
-        name!(state, String),
-        name!(partition, Option<i32>),
-        name!(next_offset, Option<i64>),
-        name!(lag, Option<i64>),
-        name!(rows_per_second, f64),
-        name!(rows_total, i64),
-        name!(last_error, Option<String>),
-        name!(last_error_at, Option<TimestampWithTimeZone>),
-        name!(started_at, Option<TimestampWithTimeZone>),
-    ),
-> {
-    let timestamp = |t: pg_sys::TimestampTz| (t != 0).then(|| TimestampWithTimeZone::try_from(t).ok()).flatten();
-    let mut rows = Vec::new();
-    let database = unsafe { pg_sys::MyDatabaseId };
-    for (_, slot) in shmem::snapshot().into_iter().filter(|(_, s)| s.database == database) {
-        let kind = match slot.kind {
-            WorkerKind::Subscription => "subscription",
-        };
-        let common = (
-            kind.to_string(),
-            slot.object_id,
-            slot.worker_index,
-            (slot.pid > 0).then_some(slot.pid),
-            slot.state.as_str().to_string(),
-        );
-        let error = slot.last_error();
-        let tail =
-            (slot.rows_per_second, slot.rows_total, error, timestamp(slot.last_error_at), timestamp(slot.started_at));
-        // One row per partition; a worker that has none yet still gets a row.
-        let mut progress: Vec<(Option<i32>, Option<i64>, Option<i64>)> = slot
-            .partitions()
-            .iter()
-            .map(|p| {
-                let next = (p.next_offset >= 0).then_some(p.next_offset);
-                let lag =
-                    (p.next_offset >= 0 && p.high_watermark >= 0).then(|| (p.high_watermark - p.next_offset).max(0));
-                (Some(p.partition), next, lag)
-            })
-            .collect();
-        if progress.is_empty() {
-            progress.push((None, None, None));
-        }
-        for (partition, next, lag) in progress {
-            rows.push((
-                common.0.clone(),
-                common.1,
-                common.2,
-                common.3,
-                common.4.clone(),
-                partition,
-                next,
-                lag,
-                tail.0,
-                tail.1,
-                tail.2.clone(),
-                tail.3,
-                tail.4,
-            ));
-        }
-    }
-    TableIterator::new(rows)
 }

@@ -1,5 +1,8 @@
 //! The only code that reads and writes the `kafka.*` tables. Every statement names its
-//! objects schema-qualified and passes values as parameters.
+//! objects schema-qualified and passes values as parameters. Subscriptions and their offsets
+//! and dead letters are here; publications in [`publication`].
+
+pub mod publication;
 
 use crate::error::{BridgeError, Result};
 use pgrx::datum::DatumWithOid;
@@ -35,12 +38,6 @@ const SUBSCRIPTION_COLUMNS: &str = "id, name, owner, brokers, topic, target_sche
 
 impl Subscription {
     fn from_row(row: &SpiHeapTupleData) -> Result<Subscription> {
-        fn req<T: FromDatum + IntoDatum>(row: &SpiHeapTupleData, i: usize) -> Result<T> {
-            row.get::<T>(i)?.ok_or_else(|| BridgeError::Postgres {
-                sqlstate: PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-                message: format!("kafka.subscription_catalog column {i} is null"),
-            })
-        }
         Ok(Subscription {
             id: req(row, 1)?,
             name: req(row, 2)?,
@@ -62,15 +59,8 @@ impl Subscription {
     }
 
     fn load(condition: &str, arg: DatumWithOid) -> Result<Option<Subscription>> {
-        // Read-write, so that the condition may lock the row (FOR UPDATE).
-        Spi::connect_mut(|client| {
-            let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM kafka.subscription_catalog WHERE {condition}");
-            let table = client.update(&sql, Some(1), &[arg])?;
-            match table.into_iter().next() {
-                Some(row) => Subscription::from_row(&row).map(Some),
-                None => Ok(None),
-            }
-        })
+        let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM kafka.subscription_catalog WHERE {condition}");
+        load_one(&sql, arg, Subscription::from_row)
     }
 
     pub fn by_id(id: i32) -> Result<Option<Subscription>> {
@@ -139,6 +129,26 @@ impl Subscription {
             Ok(())
         })
     }
+}
+
+/// A column of a catalog row that must not be null.
+fn req<T: FromDatum + IntoDatum>(row: &SpiHeapTupleData, i: usize) -> Result<T> {
+    row.get::<T>(i)?.ok_or_else(|| BridgeError::Postgres {
+        sqlstate: PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        message: format!("catalog column {i} is null"),
+    })
+}
+
+/// The first row of `sql` (with one argument) turned into a value by `from_row`. Read-write,
+/// so that the statement may lock the row (FOR UPDATE).
+fn load_one<T>(sql: &str, arg: DatumWithOid, from_row: fn(&SpiHeapTupleData) -> Result<T>) -> Result<Option<T>> {
+    Spi::connect_mut(|client| {
+        let table = client.update(sql, Some(1), &[arg])?;
+        match table.into_iter().next() {
+            Some(row) => from_row(&row).map(Some),
+            None => Ok(None),
+        }
+    })
 }
 
 /// The first column of the first row of `sql`, or `None` when it returns no row.

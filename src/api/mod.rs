@@ -1,0 +1,41 @@
+//! The SQL API: thin functions that check their arguments and the caller's rights, write the
+//! catalog, and wake the launcher when the transaction commits.
+
+mod publication;
+mod status;
+mod subscription;
+
+use crate::error::{BridgeError, Result};
+use pgrx::prelude::*;
+
+/// Warns when the current database is not the one whose objects the workers serve.
+fn warn_if_workers_run_elsewhere(kind: &str, name: &str) {
+    let database = crate::settings::database();
+    let current = unsafe { std::ffi::CStr::from_ptr(pg_sys::get_database_name(pg_sys::MyDatabaseId)) }
+        .to_string_lossy()
+        .into_owned();
+    if current != database {
+        warning!(
+            "{kind} \"{name}\" will not run in this database: workers run only in database \"{database}\" (pg_kafka_bridge.database)"
+        );
+    }
+}
+
+/// Kafka's rules for topic names.
+fn check_topic_name(topic: &str) -> Result<()> {
+    if topic.is_empty() || topic.len() > 249 || !topic.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+        return Err(BridgeError::InvalidParameter(format!(
+            "invalid topic name \"{topic}\": Kafka topics use 1 to 249 letters, digits, '_', '.' or '-'"
+        )));
+    }
+    Ok(())
+}
+
+/// Fails unless `caller` has the privileges of `owner`, the owner of object `name`.
+fn check_owner(caller: pg_sys::Oid, owner: pg_sys::Oid, kind: &str, name: &str) -> Result<()> {
+    if unsafe { pg_sys::has_privs_of_role(caller, owner) } {
+        Ok(())
+    } else {
+        Err(BridgeError::InsufficientPrivilege(format!("must be owner of {kind} \"{name}\"")))
+    }
+}

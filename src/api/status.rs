@@ -1,0 +1,115 @@
+//! The workers' shared-memory slots as rows, for the status views.
+
+use crate::shmem::{self, WorkerKind, WorkerSlot};
+use pgrx::prelude::*;
+
+fn timestamp(t: pg_sys::TimestampTz) -> Option<TimestampWithTimeZone> {
+    (t != 0).then(|| TimestampWithTimeZone::try_from(t).ok()).flatten()
+}
+
+/// Slots of the current database's workers of one kind.
+fn slots_of(kind: WorkerKind) -> impl Iterator<Item = WorkerSlot> {
+    let database = unsafe { pg_sys::MyDatabaseId };
+    shmem::snapshot().into_iter().map(|(_, s)| s).filter(move |s| s.database == database && s.kind == kind)
+}
+
+/// One row per publication worker.
+#[pg_extern(volatile, parallel_unsafe)]
+#[allow(clippy::type_complexity)]
+fn publication_worker_status() -> TableIterator<
+    'static,
+    (
+        name!(object_id, i32),
+        name!(pid, Option<i32>),
+        name!(state, String),
+        name!(published_lsn, Option<i64>),
+        name!(published_seq, Option<i64>),
+        name!(published_commit_time, Option<TimestampWithTimeZone>),
+        name!(events_per_second, f64),
+        name!(events_total, i64),
+        name!(last_error, Option<String>),
+        name!(last_error_at, Option<TimestampWithTimeZone>),
+        name!(started_at, Option<TimestampWithTimeZone>),
+    ),
+> {
+    let rows: Vec<_> = slots_of(WorkerKind::Publication)
+        .map(|slot| {
+            let published = slot.published_seq >= 0;
+            (
+                slot.object_id,
+                (slot.pid > 0).then_some(slot.pid),
+                slot.state.as_str().to_string(),
+                published.then_some(slot.published_lsn as i64),
+                published.then_some(slot.published_seq),
+                timestamp(slot.published_commit_time),
+                slot.rows_per_second,
+                slot.rows_total,
+                slot.last_error(),
+                timestamp(slot.last_error_at),
+                timestamp(slot.started_at),
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
+/// One row per subscription worker and partition it consumes, from the workers' shared-memory slots.
+#[pg_extern(volatile, parallel_unsafe)]
+#[allow(clippy::type_complexity)]
+fn subscription_worker_status() -> TableIterator<
+    'static,
+    (
+        name!(object_id, i32),
+        name!(worker, i32),
+        name!(pid, Option<i32>),
+        name!(state, String),
+        name!(partition, Option<i32>),
+        name!(next_offset, Option<i64>),
+        name!(lag, Option<i64>),
+        name!(rows_per_second, f64),
+        name!(rows_total, i64),
+        name!(last_error, Option<String>),
+        name!(last_error_at, Option<TimestampWithTimeZone>),
+        name!(started_at, Option<TimestampWithTimeZone>),
+    ),
+> {
+    let mut rows = Vec::new();
+    for slot in slots_of(WorkerKind::Subscription) {
+        let common =
+            (slot.object_id, slot.worker_index, (slot.pid > 0).then_some(slot.pid), slot.state.as_str().to_string());
+        let error = slot.last_error();
+        let tail =
+            (slot.rows_per_second, slot.rows_total, error, timestamp(slot.last_error_at), timestamp(slot.started_at));
+        // One row per partition; a worker that has none yet still gets a row.
+        let mut progress: Vec<(Option<i32>, Option<i64>, Option<i64>)> = slot
+            .partitions()
+            .iter()
+            .map(|p| {
+                let next = (p.next_offset >= 0).then_some(p.next_offset);
+                let lag =
+                    (p.next_offset >= 0 && p.high_watermark >= 0).then(|| (p.high_watermark - p.next_offset).max(0));
+                (Some(p.partition), next, lag)
+            })
+            .collect();
+        if progress.is_empty() {
+            progress.push((None, None, None));
+        }
+        for (partition, next, lag) in progress {
+            rows.push((
+                common.0,
+                common.1,
+                common.2,
+                common.3.clone(),
+                partition,
+                next,
+                lag,
+                tail.0,
+                tail.1,
+                tail.2.clone(),
+                tail.3,
+                tail.4,
+            ));
+        }
+    }
+    TableIterator::new(rows)
+}

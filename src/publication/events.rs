@@ -1,0 +1,344 @@
+//! Change events: a decoded row change turned into a Kafka key and value.
+//!
+//! Key: a JSON object of the table's replica identity columns (its primary key by default).
+//! Value: `{"op", "before", "after", "source": {...}}`, the envelope Kafka users know from
+//! Debezium. Column values follow their type: numbers and booleans as JSON numbers and
+//! booleans, `json`/`jsonb` embedded as JSON, `timestamptz` as RFC 3339 in UTC, everything
+//! else as the type's text output (the worker runs with DateStyle ISO).
+//! A TOASTed column that an update left unchanged is not in `after`: its name is listed in
+//! `unchanged_toast` instead.
+
+use pgrx::pg_sys;
+use std::collections::HashMap;
+use std::ffi::CStr;
+
+/// The transaction being replayed, as the reorder buffer describes it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TxnInfo {
+    /// Start of the commit record: with `seq`, it orders every event.
+    pub commit_lsn: u64,
+    /// End of the commit record: where decoding may resume once the transaction is out.
+    pub end_lsn: u64,
+    pub xid: u32,
+    pub commit_time: pg_sys::TimestampTz,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Op {
+    fn code(self) -> &'static str {
+        match self {
+            Op::Insert => "c",
+            Op::Update => "u",
+            Op::Delete => "d",
+        }
+    }
+}
+
+/// Names and topic of a published table, cached until the relation cache is invalidated.
+pub struct TableInfo {
+    pub schema: String,
+    pub table: String,
+    pub topic: String,
+}
+
+impl TableInfo {
+    /// # Safety
+    /// `relation` must be an open relation.
+    pub unsafe fn of(relation: pg_sys::Relation, template: &str) -> TableInfo {
+        let schema = cstr_lossy(pg_sys::get_namespace_name((*(*relation).rd_rel).relnamespace));
+        let table = cstr_lossy((*(*relation).rd_rel).relname.data.as_ptr());
+        let topic = render_topic(template, &schema, &table);
+        TableInfo { schema, table, topic }
+    }
+}
+
+/// The topic of a table under a template with `{schema}` and `{table}` placeholders.
+pub fn render_topic(template: &str, schema: &str, table: &str) -> String {
+    template.replace("{schema}", schema).replace("{table}", table)
+}
+
+#[derive(Clone, Copy)]
+enum JsonKind {
+    Bool,
+    Integer,
+    /// Numbers whose text output may also be NaN or Infinity, which JSON cannot carry.
+    Number,
+    Json,
+    /// Written as RFC 3339 in UTC, whatever the session's DateStyle and TimeZone.
+    TimestampTz,
+    Text,
+}
+
+struct TypeOutput {
+    kind: JsonKind,
+    /// Output function, allocated in `TopMemoryContext`: lives as long as the process.
+    function: *mut pg_sys::FmgrInfo,
+}
+
+/// Output functions by type, looked up once per type.
+#[derive(Default)]
+pub struct TypeCache(HashMap<pg_sys::Oid, TypeOutput>);
+
+impl TypeCache {
+    unsafe fn get(&mut self, type_oid: pg_sys::Oid) -> &TypeOutput {
+        self.0.entry(type_oid).or_insert_with(|| {
+            let (mut function_oid, mut is_varlena) = (pg_sys::Oid::INVALID, false);
+            pg_sys::getTypeOutputInfo(type_oid, &mut function_oid, &mut is_varlena);
+            let function =
+                pg_sys::MemoryContextAllocZero(pg_sys::TopMemoryContext, std::mem::size_of::<pg_sys::FmgrInfo>())
+                    as *mut pg_sys::FmgrInfo;
+            pg_sys::fmgr_info_cxt(function_oid, function, pg_sys::TopMemoryContext);
+            let kind = match type_oid {
+                pg_sys::BOOLOID => JsonKind::Bool,
+                pg_sys::INT2OID | pg_sys::INT4OID | pg_sys::INT8OID | pg_sys::OIDOID => JsonKind::Integer,
+                pg_sys::FLOAT4OID | pg_sys::FLOAT8OID | pg_sys::NUMERICOID => JsonKind::Number,
+                pg_sys::JSONOID | pg_sys::JSONBOID => JsonKind::Json,
+                pg_sys::TIMESTAMPTZOID => JsonKind::TimestampTz,
+                _ => JsonKind::Text,
+            };
+            TypeOutput { kind, function }
+        })
+    }
+}
+
+/// Which columns of a tuple to write.
+#[derive(Clone, Copy)]
+enum Columns {
+    All,
+    /// Only the members of this set of attribute numbers (offset as in relcache bitmaps).
+    Key(*mut pg_sys::Bitmapset),
+}
+
+/// Builds keys and values into buffers that are reused from one event to the next.
+#[derive(Default)]
+pub struct EventWriter {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    types: TypeCache,
+    values: Vec<pg_sys::Datum>,
+    nulls: Vec<bool>,
+    unchanged: Vec<String>,
+}
+
+impl EventWriter {
+    /// Writes the key and value of one row change. Allocates in the current memory context,
+    /// which the caller resets after each change.
+    ///
+    /// # Safety
+    /// `relation` must be the open relation of the tuples, which must be valid heap tuples.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn row_change(
+        &mut self,
+        relation: pg_sys::Relation,
+        info: &TableInfo,
+        txn: &TxnInfo,
+        seq: i64,
+        op: Op,
+        old: Option<*mut pg_sys::HeapTupleData>,
+        new: Option<*mut pg_sys::HeapTupleData>,
+    ) {
+        let identity = pg_sys::RelationGetIdentityKeyBitmap(relation);
+        let identity = if identity.is_null() {
+            pg_sys::RelationGetIndexAttrBitmap(relation, pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_PRIMARY_KEY)
+        } else {
+            identity
+        };
+        let full_old = (*(*relation).rd_rel).relreplident as u8 == pg_sys::REPLICA_IDENTITY_FULL;
+        let tupdesc = (*relation).rd_att;
+
+        // The key comes from the new row, or the old one for deletes (where only the
+        // identity columns are known unless the identity is FULL).
+        let mut buffer = std::mem::take(&mut self.key);
+        buffer.clear();
+        match new.or(old) {
+            Some(tuple) if !identity.is_null() => self.write_row(&mut buffer, tupdesc, tuple, Columns::Key(identity)),
+            _ => buffer.extend_from_slice(b"null"),
+        }
+        self.key = buffer;
+
+        let mut out = std::mem::take(&mut self.value);
+        out.clear();
+        out.extend_from_slice(b"{\"op\":\"");
+        out.extend_from_slice(op.code().as_bytes());
+        out.extend_from_slice(b"\",\"before\":");
+        match old {
+            Some(tuple) => {
+                let columns = if full_old || identity.is_null() { Columns::All } else { Columns::Key(identity) };
+                self.write_row(&mut out, tupdesc, tuple, columns);
+            }
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"after\":");
+        self.unchanged.clear();
+        match new {
+            Some(tuple) => self.write_row(&mut out, tupdesc, tuple, Columns::All),
+            None => out.extend_from_slice(b"null"),
+        }
+        if !self.unchanged.is_empty() {
+            out.extend_from_slice(b",\"unchanged_toast\":[");
+            for (i, name) in self.unchanged.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                push_json_string(&mut out, name);
+            }
+            out.push(b']');
+        }
+        out.extend_from_slice(b",\"source\":{\"schema\":");
+        push_json_string(&mut out, &info.schema);
+        out.extend_from_slice(b",\"table\":");
+        push_json_string(&mut out, &info.table);
+        write_source_position(&mut out, txn, seq);
+        out.extend_from_slice(b"}}");
+        self.value = out;
+    }
+
+    unsafe fn write_row(
+        &mut self,
+        out: &mut Vec<u8>,
+        tupdesc: pg_sys::TupleDesc,
+        tuple: *mut pg_sys::HeapTupleData,
+        columns: Columns,
+    ) {
+        let natts = (*tupdesc).natts as usize;
+        self.values.resize(natts, pg_sys::Datum::from(0));
+        self.nulls.resize(natts, true);
+        pg_sys::heap_deform_tuple(tuple, tupdesc, self.values.as_mut_ptr(), self.nulls.as_mut_ptr());
+        out.push(b'{');
+        let mut first = true;
+        for (i, attr) in (*tupdesc).attrs.as_slice(natts).iter().enumerate() {
+            if attr.attisdropped || attr.attnum <= 0 {
+                continue;
+            }
+            if let Columns::Key(set) = columns {
+                let member = attr.attnum as i32 - pg_sys::FirstLowInvalidHeapAttributeNumber;
+                if !pg_sys::bms_is_member(member, set) {
+                    continue;
+                }
+            }
+            let name = cstr_lossy(attr.attname.data.as_ptr());
+            let (datum, null) = (self.values[i], self.nulls[i]);
+            if !null && attr.attlen == -1 && is_external_ondisk(datum) {
+                self.unchanged.push(name);
+                continue;
+            }
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            push_json_string(out, &name);
+            out.push(b':');
+            if null {
+                out.extend_from_slice(b"null");
+                continue;
+            }
+            let output = self.types.get(attr.atttypid);
+            match output.kind {
+                JsonKind::Bool => out.extend_from_slice(if datum.value() != 0 { b"true" } else { b"false" }),
+                JsonKind::Integer | JsonKind::Json => out.extend_from_slice(output_text(output, datum)),
+                JsonKind::Number => {
+                    let text = output_text(output, datum);
+                    // NaN and the infinities have no JSON number: they go as strings.
+                    if text.last().is_some_and(u8::is_ascii_digit) {
+                        out.extend_from_slice(text);
+                    } else {
+                        push_json_string(out, &String::from_utf8_lossy(text));
+                    }
+                }
+                JsonKind::TimestampTz => match datum.value() as i64 {
+                    i64::MIN => out.extend_from_slice(b"\"-infinity\""),
+                    i64::MAX => out.extend_from_slice(b"\"infinity\""),
+                    t => push_json_string(out, &iso_timestamp(t)),
+                },
+                JsonKind::Text => push_json_string(out, &String::from_utf8_lossy(output_text(output, datum))),
+            }
+        }
+        out.push(b'}');
+    }
+}
+
+unsafe fn output_text<'a>(output: &TypeOutput, datum: pg_sys::Datum) -> &'a [u8] {
+    CStr::from_ptr(pg_sys::OutputFunctionCall(output.function, datum)).to_bytes()
+}
+
+/// Whether a varlena datum points to a value stored out of line that decoding did not see
+/// change: the reorder buffer leaves such pointers in place of unchanged TOASTed values.
+unsafe fn is_external_ondisk(datum: pg_sys::Datum) -> bool {
+    let header = datum.cast_mut_ptr::<u8>();
+    // A one-byte header of 0x01 marks an external pointer; the next byte is its tag.
+    *header == 0x01 && *header.add(1) == pg_sys::vartag_external::VARTAG_ONDISK as u8
+}
+
+/// `,"lsn":...,"txid":...,"seq":...,"commit_time":"..."`: the position of an event.
+pub fn write_source_position(out: &mut Vec<u8>, txn: &TxnInfo, seq: i64) {
+    use std::io::Write;
+    let _ = write!(
+        out,
+        ",\"lsn\":{},\"txid\":{},\"seq\":{},\"commit_time\":\"{}\"",
+        txn.commit_lsn,
+        txn.xid,
+        seq,
+        iso_timestamp(txn.commit_time)
+    );
+}
+
+pub fn push_json_string(out: &mut Vec<u8>, s: &str) {
+    // Writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// A PostgreSQL timestamp (microseconds since 2000-01-01 UTC) as RFC 3339 in UTC.
+pub fn iso_timestamp(t: pg_sys::TimestampTz) -> String {
+    const POSTGRES_EPOCH_UNIX_SECONDS: i64 = 946_684_800;
+    let micros = t.rem_euclid(1_000_000);
+    let seconds = t.div_euclid(1_000_000) + POSTGRES_EPOCH_UNIX_SECONDS;
+    let (days, secs_of_day) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        secs_of_day / 3600,
+        secs_of_day / 60 % 60,
+        secs_of_day % 60
+    )
+}
+
+/// # Safety
+/// `ptr` must point to a NUL-terminated string.
+pub unsafe fn cstr_lossy(ptr: *const std::ffi::c_char) -> String {
+    CStr::from_ptr(ptr).to_string_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_timestamps_in_utc() {
+        assert_eq!(iso_timestamp(0), "2000-01-01T00:00:00.000000Z");
+        // 2026-11-27 03:04:05.123456 UTC
+        let t = (1_795_748_645 - 946_684_800) * 1_000_000 + 123_456;
+        assert_eq!(iso_timestamp(t), "2026-11-27T03:04:05.123456Z");
+        assert_eq!(iso_timestamp(-1), "1999-12-31T23:59:59.999999Z");
+    }
+
+    #[test]
+    fn renders_topic_templates() {
+        assert_eq!(render_topic("{schema}.{table}", "public", "orders"), "public.orders");
+        assert_eq!(render_topic("cdc-{table}", "s", "t"), "cdc-t");
+    }
+}

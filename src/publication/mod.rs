@@ -1,0 +1,159 @@
+//! PostgreSQL to Kafka. A publication worker decodes its slot in-process and publishes
+//! every committed change of its tables, and every `kafka.send()` message, in commit order
+//! with Kafka transactions (see [`publisher`] for why this is exactly once).
+
+pub mod decoder;
+pub mod events;
+pub mod outbox;
+pub mod publisher;
+
+use crate::catalog::publication::Publication;
+use crate::error::{BridgeError, Result};
+use crate::settings;
+use crate::shmem::{self, SlotId, WorkerState};
+use crate::worker::{self, Backoff, RateMeter};
+use decoder::{Decoder, PluginState, Selection};
+use pgrx::prelude::*;
+use publisher::{Publisher, SharedPublisher, MAX_KAFKA_TRANSACTION_AGE};
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// Longest stretch of decoding between two looks at signals and the Kafka transaction.
+const READ_BUDGET: Duration = Duration::from_millis(100);
+/// Pause when all flushed WAL is decoded.
+const IDLE_WAIT: Duration = Duration::from_millis(20);
+/// How often an idle worker logs a running-transactions record, which lets the slot's
+/// restart point (and so the WAL it retains) move on even when nothing else is written.
+const HEARTBEAT: Duration = Duration::from_secs(10);
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn pg_kafka_bridge_publication_main(_arg: pg_sys::Datum) {
+    let Some(id) = worker::attach(&settings::database()) else {
+        return;
+    };
+    let Some(slot) = shmem::snapshot().into_iter().find(|(s, _)| *s == id).map(|(_, slot)| slot) else {
+        return;
+    };
+    let worker = PublicationWorker { id, publication_id: slot.object_id };
+    worker.run();
+}
+
+struct PublicationWorker {
+    id: SlotId,
+    publication_id: i32,
+}
+
+impl PublicationWorker {
+    fn run(&self) {
+        let mut backoff = Backoff::default();
+        loop {
+            worker::check_signals();
+            match self.session(&mut backoff) {
+                Ok(()) => return,
+                Err(e) => backoff.wait_after(self.id, &e),
+            }
+        }
+    }
+
+    /// Publishes until the publication is stopped (`Ok`) or something fails.
+    fn session(&self, backoff: &mut Backoff) -> Result<()> {
+        let Some(publication) = worker::transaction(|| self.load())? else {
+            return Ok(());
+        };
+        if let Ok(name) = std::ffi::CString::new(publication.name.as_str()) {
+            unsafe { pg_sys::pgstat_report_appname(name.as_ptr()) };
+        }
+        // Events carry dates in ISO form, whatever the server's default DateStyle.
+        unsafe {
+            pg_sys::SetConfigOption(
+                c"DateStyle".as_ptr(),
+                c"ISO".as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            )
+        };
+        let publisher = Rc::new(RefCell::new(Publisher::connect(&publication)?));
+        let mut meter = RateMeter::default();
+        let mut reported_events = 0;
+        self.report(&publisher.borrow(), &mut meter, &mut reported_events);
+        let state = PluginState::new(Some(Selection::of(&publication)), Box::new(SharedPublisher(publisher.clone())));
+        let mut decoder = Decoder::open(&publication.slot_name, state)?;
+        shmem::update(self.id, |slot| slot.state = WorkerState::Running);
+        let mut last_heartbeat = Instant::now();
+        let mut heartbeat_lsn = 0;
+        loop {
+            worker::check_signals();
+            let caught_up = decoder.read(READ_BUDGET)?;
+            let mut p = publisher.borrow_mut();
+            if p.has_open_transaction() && (caught_up || p.open_transaction_age() >= MAX_KAFKA_TRANSACTION_AGE) {
+                p.commit_transaction()?;
+            }
+            if let Some(lsn) = p.take_confirmable() {
+                decoder.confirm(lsn)?;
+            }
+            if caught_up && !p.has_open_transaction() {
+                // Nothing is waiting for Kafka: all decoded WAL is dealt with.
+                decoder.confirm(decoder.decoded_up_to())?;
+            }
+            if let Some(e) = p.errors.take() {
+                pgrx::log!("pg_kafka_bridge publication \"{}\": Kafka: {e}", publication.name);
+            }
+            self.report(&p, &mut meter, &mut reported_events);
+            drop(p);
+            backoff.reset();
+            if caught_up {
+                if last_heartbeat.elapsed() >= HEARTBEAT && decoder.decoded_up_to() != heartbeat_lsn {
+                    unsafe { pg_sys::LogStandbySnapshot() };
+                    heartbeat_lsn = decoder.decoded_up_to();
+                    last_heartbeat = Instant::now();
+                }
+                worker::sleep(IDLE_WAIT);
+            }
+        }
+    }
+
+    fn report(&self, publisher: &Publisher, meter: &mut RateMeter, reported_events: &mut u64) {
+        meter.record((publisher.events_total - *reported_events) as usize);
+        *reported_events = publisher.events_total;
+        let committed = publisher.committed();
+        let commit_time = publisher.last_commit_time;
+        shmem::update(self.id, |slot| {
+            if let Some(position) = committed {
+                slot.published_lsn = position.commit_lsn;
+                slot.published_seq = position.seq;
+            }
+            if commit_time != 0 {
+                slot.published_commit_time = commit_time;
+            }
+            slot.rows_per_second = meter.rate;
+            slot.rows_total = *reported_events as i64;
+        });
+    }
+
+    /// The publication, if it is still there and enabled; checks that its owner may still
+    /// read every table it publishes.
+    fn load(&self) -> Result<Option<Publication>> {
+        let Some(publication) = Publication::by_id(self.publication_id)? else {
+            return Ok(None);
+        };
+        if !publication.enabled {
+            return Ok(None);
+        }
+        for table in &publication.tables {
+            let readable = crate::catalog::query_optional::<bool>(
+                "SELECT pg_catalog.has_table_privilege($1, $2, 'SELECT') FROM pg_catalog.pg_class WHERE oid = $2",
+                &[publication.owner.into(), (*table).into()],
+            )?;
+            if readable == Some(false) {
+                return Err(BridgeError::InsufficientPrivilege(format!(
+                    "the owner of publication \"{}\" may not read table {}",
+                    publication.name,
+                    u32::from(*table)
+                )));
+            }
+        }
+        Ok(Some(publication))
+    }
+}

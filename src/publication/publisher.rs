@@ -1,0 +1,315 @@
+//! The Kafka side of a publication: a transactional producer whose `transactional.id` is
+//! stable for the publication, and the progress records that make publishing exactly once.
+//!
+//! Each Kafka transaction carries change events and, last, a progress record on the
+//! publication's progress topic naming the position `(commit_lsn, seq)` of its last event.
+//! A new incarnation fences the previous one (`init_transactions`), reads the last committed
+//! progress record, and skips every event at or before it. The slot's confirmed position
+//! only moves past a PostgreSQL transaction once all its events are committed to Kafka.
+
+use super::decoder::Sink;
+use super::events::TxnInfo;
+use crate::catalog::publication::Publication;
+use crate::error::{BridgeError, Result};
+use crate::kafka::{self, BridgeContext, ErrorMailbox, Options};
+use crate::worker;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Message, ToBytes};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// Most events in one Kafka transaction; a larger PostgreSQL transaction spans several.
+const MAX_EVENTS_PER_KAFKA_TRANSACTION: usize = 200_000;
+/// Longest a Kafka transaction stays open while decoding goes on.
+pub const MAX_KAFKA_TRANSACTION_AGE: Duration = Duration::from_millis(500);
+/// Kafka calls block for at most this long at a time, so that signals are served.
+const CALL_SLICE: Duration = Duration::from_secs(1);
+/// Longest wait for the broker during set-up.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where an event stands in the publication's stream: its transaction's commit LSN, then
+/// its index within that transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Position {
+    pub commit_lsn: u64,
+    pub seq: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ProgressRecord {
+    publication: String,
+    commit_lsn: u64,
+    seq: i64,
+}
+
+pub struct Publisher {
+    producer: ThreadedProducer<BridgeContext>,
+    pub errors: ErrorMailbox,
+    progress_topic: String,
+    transactional_id: String,
+    publication: String,
+    /// Everything at or before this position is in Kafka already.
+    committed: Option<Position>,
+    open: Option<OpenTransaction>,
+    /// End LSN of the last PostgreSQL transaction whose events are all committed to Kafka
+    /// (or that had none), not yet confirmed to the slot.
+    confirmable: Option<u64>,
+    pub events_total: u64,
+    pub skipped_total: u64,
+    pub last_commit_time: i64,
+}
+
+struct OpenTransaction {
+    opened_at: Instant,
+    events: usize,
+    last: Position,
+    /// End LSN of the last PostgreSQL transaction completed inside this Kafka transaction.
+    completed_end_lsn: Option<u64>,
+}
+
+impl Publisher {
+    /// Connects, fences any earlier incarnation and reads the committed progress.
+    pub fn connect(publication: &Publication) -> Result<Publisher> {
+        let options = Options::from_json(&publication.options)?;
+        let transactional_id = transactional_id(publication);
+        let mut config = ClientConfig::new();
+        config.set("queue.buffering.max.kbytes", "16384").set("linger.ms", "5");
+        options.apply(&mut config);
+        config
+            .set("bootstrap.servers", &publication.brokers)
+            .set("transactional.id", &transactional_id)
+            .set("enable.idempotence", "true");
+        let errors = ErrorMailbox::default();
+        let producer: ThreadedProducer<BridgeContext> =
+            config.create_with_context(BridgeContext { errors: errors.clone() })?;
+        kafka::create_topic_if_missing(&config, &publication.progress_topic, true)?;
+        retry_while_timed_out("initialising the Kafka transactional producer", || {
+            producer.init_transactions(CALL_SLICE)
+        })?;
+        let committed = read_progress(&config, &publication.progress_topic, &transactional_id)?;
+        Ok(Publisher {
+            producer,
+            errors,
+            progress_topic: publication.progress_topic.clone(),
+            transactional_id,
+            publication: publication.name.clone(),
+            committed,
+            open: None,
+            confirmable: None,
+            events_total: 0,
+            skipped_total: 0,
+            last_commit_time: 0,
+        })
+    }
+
+    pub fn committed(&self) -> Option<Position> {
+        self.committed
+    }
+
+    pub fn has_open_transaction(&self) -> bool {
+        self.open.is_some()
+    }
+
+    pub fn open_transaction_age(&self) -> Duration {
+        self.open.as_ref().map_or(Duration::ZERO, |t| t.opened_at.elapsed())
+    }
+
+    /// The LSN up to which the slot may now be confirmed, once.
+    pub fn take_confirmable(&mut self) -> Option<u64> {
+        self.confirmable.take()
+    }
+
+    /// Commits the open Kafka transaction, with its progress record, if there is one.
+    pub fn commit_transaction(&mut self) -> Result<()> {
+        let Some(open) = self.open.take() else {
+            return Ok(());
+        };
+        let record = ProgressRecord {
+            publication: self.publication.clone(),
+            commit_lsn: open.last.commit_lsn,
+            seq: open.last.seq,
+        };
+        let value = serde_json::to_vec(&record).unwrap_or_default();
+        let progress = BaseRecord::to(&self.progress_topic).partition(0).key(&self.transactional_id).payload(&value);
+        self.send(progress)?;
+        let outcome =
+            retry_while_timed_out("committing a Kafka transaction", || self.producer.commit_transaction(CALL_SLICE));
+        if let Err(e) = outcome {
+            // The transaction is lost either way; what it held is published again by the
+            // next session, which starts from the last committed progress.
+            let _ = self.producer.abort_transaction(CALL_SLICE);
+            let detail = self.errors.take().map(|d| format!(" ({d})")).unwrap_or_default();
+            return Err(BridgeError::Kafka(format!("{e}{detail}")));
+        }
+        self.committed = Some(open.last);
+        if let Some(end) = open.completed_end_lsn {
+            self.confirmable = Some(end);
+        }
+        Ok(())
+    }
+
+    fn send<K, P>(&self, mut record: BaseRecord<'_, K, P>) -> Result<()>
+    where
+        K: ToBytes + ?Sized,
+        P: ToBytes + ?Sized,
+    {
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((e, back)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                    record = back;
+                    // The producer's own thread drains the queue; wait for room.
+                    std::thread::sleep(Duration::from_micros(500));
+                    worker::check_interrupts();
+                }
+                Err((e, back)) => {
+                    return Err(BridgeError::Kafka(format!("producing to topic \"{}\": {e}", back.topic)));
+                }
+            }
+        }
+    }
+
+    fn begin_if_needed(&mut self, position: Position) -> Result<&mut OpenTransaction> {
+        if self.open.is_none() {
+            self.producer.begin_transaction()?;
+            self.open =
+                Some(OpenTransaction { opened_at: Instant::now(), events: 0, last: position, completed_end_lsn: None });
+        }
+        Ok(self.open.as_mut().expect("just opened"))
+    }
+}
+
+impl Sink for Publisher {
+    fn event(&mut self, txn: &TxnInfo, seq: i64, topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) -> Result<()> {
+        let position = Position { commit_lsn: txn.commit_lsn, seq };
+        if self.committed.is_some_and(|c| position <= c) {
+            self.skipped_total += 1;
+            return Ok(());
+        }
+        self.begin_if_needed(position)?;
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(v) = value {
+            record = record.payload(v);
+        }
+        self.send(record)?;
+        self.events_total += 1;
+        self.last_commit_time = txn.commit_time;
+        let open = self.open.as_mut().expect("opened above");
+        open.events += 1;
+        open.last = position;
+        if open.events >= MAX_EVENTS_PER_KAFKA_TRANSACTION {
+            self.commit_transaction()?;
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, txn: &TxnInfo) -> Result<()> {
+        match self.open.as_mut() {
+            Some(open) => open.completed_end_lsn = Some(txn.end_lsn),
+            None => self.confirmable = Some(txn.end_lsn),
+        }
+        Ok(())
+    }
+}
+
+/// The publisher as both the decoder's sink and the worker's handle on it.
+#[derive(Clone)]
+pub struct SharedPublisher(pub Rc<RefCell<Publisher>>);
+
+impl Sink for SharedPublisher {
+    fn event(&mut self, txn: &TxnInfo, seq: i64, topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) -> Result<()> {
+        self.0.borrow_mut().event(txn, seq, topic, key, value)
+    }
+
+    fn commit(&mut self, txn: &TxnInfo) -> Result<()> {
+        self.0.borrow_mut().commit(txn)
+    }
+}
+
+/// Stable for the publication, and distinct for every server, database and publication
+/// (a publication dropped and created again under its name is another one).
+pub fn transactional_id(publication: &Publication) -> String {
+    let (system, database) = unsafe { (pgrx::pg_sys::GetSystemIdentifier(), pgrx::pg_sys::MyDatabaseId) };
+    format!("pg_kafka_bridge.{system}.{}.{}", u32::from(database), publication.id)
+}
+
+/// Repeats a Kafka call that timed out (each try blocks for [`CALL_SLICE`] at most, so that
+/// SIGTERM is served), until it succeeds, fails otherwise, or [`SETUP_TIMEOUT`] passes.
+fn retry_while_timed_out(what: &str, mut call: impl FnMut() -> rdkafka::error::KafkaResult<()>) -> Result<()> {
+    let deadline = Instant::now() + SETUP_TIMEOUT;
+    loop {
+        match call() {
+            Ok(()) => return Ok(()),
+            Err(KafkaError::Transaction(e))
+                if e.code() == RDKafkaErrorCode::OperationTimedOut && Instant::now() < deadline =>
+            {
+                worker::check_interrupts();
+            }
+            Err(e) => return Err(BridgeError::Kafka(format!("{what}: {e}"))),
+        }
+    }
+}
+
+/// The position in the last committed progress record of `key`, read with read_committed
+/// isolation from the end of partition 0 backwards.
+fn read_progress(config: &ClientConfig, topic: &str, key: &str) -> Result<Option<Position>> {
+    let mut consumer_config = config.clone();
+    for managed in ["transactional.id", "enable.idempotence", "queue.buffering.max.kbytes", "linger.ms"] {
+        consumer_config.remove(managed);
+    }
+    let consumer: BaseConsumer = consumer_config
+        .set("group.id", key)
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "error")
+        .create()?;
+    let (low, high) = consumer
+        .fetch_watermarks(topic, 0, SETUP_TIMEOUT)
+        .map_err(|e| BridgeError::Kafka(format!("reading the progress topic \"{topic}\": {e}")))?;
+    let mut window = 1_000i64;
+    let mut end = high;
+    while end > low {
+        let start = (end - window).max(low);
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(topic, 0, Offset::Offset(start))?;
+        consumer.assign(&list)?;
+        let deadline = Instant::now() + SETUP_TIMEOUT;
+        let mut found = None;
+        loop {
+            worker::check_interrupts();
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    if m.offset() >= end {
+                        break;
+                    }
+                    if m.key() == Some(key.as_bytes()) {
+                        let record: Option<ProgressRecord> = m.payload().and_then(|p| serde_json::from_slice(p).ok());
+                        found = record.map(|r| Position { commit_lsn: r.commit_lsn, seq: r.seq }).or(found);
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(e)) => return Err(BridgeError::Kafka(format!("reading the progress topic \"{topic}\": {e}"))),
+                None if Instant::now() > deadline => {
+                    return Err(BridgeError::Kafka(format!("timed out reading the progress topic \"{topic}\"")))
+                }
+                None => {}
+            }
+        }
+        if found.is_some() {
+            return Ok(found);
+        }
+        end = start;
+        window *= 8;
+    }
+    Ok(None)
+}
