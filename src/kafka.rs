@@ -126,8 +126,10 @@ pub fn create_topic_if_missing(config: &ClientConfig, topic: &str, compacted: bo
     if compacted {
         new_topic = new_topic.set("cleanup.policy", "compact");
     }
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let results = block_on(admin.create_topics([&new_topic], &options))?;
+    let timeout = Some(Duration::from_secs(10));
+    let options = AdminOptions::new().operation_timeout(timeout).request_timeout(timeout);
+    let results = block_on(admin.create_topics([&new_topic], &options))
+        .map_err(|e| BridgeError::Kafka(format!("creating topic \"{topic}\": {e}")))?;
     for result in results {
         match result {
             Ok(_) => {}

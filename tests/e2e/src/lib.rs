@@ -226,6 +226,7 @@ pub fn consume_all(topic: &str, expected_at_least: usize, timeout: Duration) -> 
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
+        .set("topic.metadata.refresh.interval.ms", "1000")
         .create()
         .unwrap();
     consumer.subscribe(&[topic]).unwrap();
@@ -237,6 +238,12 @@ pub fn consume_all(topic: &str, expected_at_least: usize, timeout: Duration) -> 
             Some(Ok(m)) => {
                 out.push((m.partition(), m.offset(), m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec)));
                 quiet_since = Instant::now();
+            }
+            // A topic that the code under test creates may not exist yet.
+            Some(Err(e))
+                if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition) =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
             }
             Some(Err(e)) => panic!("consuming {topic}: {e}"),
             None if out.len() >= expected_at_least && quiet_since.elapsed() > Duration::from_secs(2) => break,
@@ -337,4 +344,119 @@ pub fn group_offsets(group: &str, topic: &str, partitions: i32) -> Vec<i64> {
             _ => -1,
         })
         .collect()
+}
+
+/// Whether the long variants of the crash tests run (`PGKB_SOAK=1`).
+pub fn soak() -> bool {
+    std::env::var("PGKB_SOAK").is_ok_and(|v| v == "1")
+}
+
+/// A small deterministic generator, seeded from the clock and printed so that a failing run
+/// can be replayed with PGKB_SEED.
+pub struct Rng(u64);
+
+impl Rng {
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Rng {
+        let seed = std::env::var("PGKB_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
+        });
+        println!("PGKB_SEED={seed}");
+        Rng(seed)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Creates a publication `name` of `tables`; `extra` adds named arguments (", topic => 'x'").
+pub fn create_publication(client: &mut Client, name: &str, tables: &[&str], extra: &str) {
+    let tables = tables.iter().map(|t| format!("'{t}'")).collect::<Vec<_>>().join(", ");
+    client
+        .batch_execute(&format!(
+            "SELECT kafka.create_publication(name => '{name}', brokers => '{}', \
+             tables => ARRAY[{tables}]::regclass[]{extra})",
+            brokers()
+        ))
+        .unwrap_or_else(|e| panic!("create_publication {name}: {e}"));
+}
+
+/// PIDs of the running workers of publication `name`, from pg_stat_activity.
+pub fn publication_worker_pids(client: &mut Client, name: &str) -> Vec<i32> {
+    client
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_kafka_bridge publication' \
+             AND application_name = $1",
+            &[&name],
+        )
+        .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+        .unwrap_or_default()
+}
+
+/// Drops a publication; its worker and its slot must be gone when that returns.
+pub fn drop_publication(client: &mut Client, name: &str) {
+    client.batch_execute(&format!("SELECT kafka.drop_publication('{name}')")).unwrap();
+    let slots =
+        count(client, &format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pg_kafka_bridge_{name}'"));
+    assert_eq!(slots, 0, "the slot of {name} outlived drop_publication");
+    wait_for("the worker of a dropped publication to exit", Duration::from_secs(30), || {
+        publication_worker_pids(client, name).is_empty()
+    });
+}
+
+/// A publication's status row as text, for assertion messages.
+pub fn publication_status(client: &mut Client, name: &str) -> String {
+    client
+        .query_one(
+            "SELECT concat_ws(' | ', pid, state, confirmed_lsn, published_lsn, published_seq, retained_wal_bytes, \
+                    events_total, last_error) FROM kafka.publication_status WHERE publication = $1",
+            &[&name],
+        )
+        .map(|r| r.get::<_, Option<String>>(0).unwrap_or_default())
+        .unwrap_or_else(|e| e.to_string())
+}
+
+/// The last error a publication's status shows, if any.
+pub fn publication_error(client: &mut Client, name: &str) -> Option<String> {
+    client
+        .query_one("SELECT last_error FROM kafka.publication_status WHERE publication = $1", &[&name])
+        .ok()
+        .and_then(|r| r.get::<_, Option<String>>(0))
+}
+
+/// A change event or message read back from Kafka: key and value parsed as JSON where they
+/// are JSON (change events always are).
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub key: Option<serde_json::Value>,
+    pub value: Option<serde_json::Value>,
+    pub raw_value: Option<Vec<u8>>,
+}
+
+impl Event {
+    pub fn op(&self) -> &str {
+        self.value.as_ref().and_then(|v| v["op"].as_str()).unwrap_or("")
+    }
+
+    pub fn after(&self) -> &serde_json::Value {
+        self.value.as_ref().map_or(&serde_json::Value::Null, |v| &v["after"])
+    }
+
+    /// The event's position (commit LSN, index in its transaction).
+    pub fn position(&self) -> (u64, i64) {
+        let source = &self.value.as_ref().expect("a change event")["source"];
+        (source["lsn"].as_u64().unwrap(), source["seq"].as_i64().unwrap())
+    }
+}
+
+/// Every committed message of a single-partition topic, in order, as events.
+pub fn consume_events(topic: &str, expected_at_least: usize, timeout: Duration) -> Vec<Event> {
+    let parse = |b: &Option<Vec<u8>>| b.as_ref().and_then(|b| serde_json::from_slice(b).ok());
+    let mut messages = consume_all(topic, expected_at_least, timeout);
+    messages.sort_by_key(|m| (m.0, m.1));
+    messages.iter().map(|m| Event { key: parse(&m.2), value: parse(&m.3), raw_value: m.3.clone() }).collect()
 }

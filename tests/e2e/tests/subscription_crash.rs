@@ -18,31 +18,10 @@ struct Plan {
 }
 
 fn plan() -> Plan {
-    if std::env::var("PGKB_SOAK").is_ok_and(|v| v == "1") {
+    if soak() {
         Plan { messages: 1_000_000, kills: 50, server_stops: 5 }
     } else {
         Plan { messages: 120_000, kills: 10, server_stops: 2 }
-    }
-}
-
-/// A small deterministic generator, seeded from the clock and printed so that a failing run
-/// can be replayed with PGKB_SEED.
-struct Rng(u64);
-
-impl Rng {
-    fn new() -> Rng {
-        let seed = std::env::var("PGKB_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
-        });
-        println!("PGKB_SEED={seed}");
-        Rng(seed)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
     }
 }
 

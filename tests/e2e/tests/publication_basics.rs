@@ -1,0 +1,182 @@
+//! Publications end to end: table changes and kafka.send() messages published by the worker
+//! and read back from the broker with a read_committed consumer.
+
+use pg_kafka_bridge_e2e::*;
+use serde_json::json;
+use std::time::Duration;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+#[test]
+fn publishes_inserts_updates_and_deletes_of_several_tables_in_commit_order() {
+    let mut pg = pg();
+    let (items, stock, name, prefix) = (unique("items"), unique("stock"), unique("pub"), unique("cdc"));
+    pg.batch_execute(&format!(
+        "CREATE TABLE {items} (id int PRIMARY KEY, name text, price numeric(8,2), doc jsonb, at timestamptz);
+         CREATE TABLE {stock} (sku text PRIMARY KEY, n bigint);"
+    ))
+    .unwrap();
+    create_publication(&mut pg, &name, &[&items, &stock], &format!(", topic => '{prefix}.{{table}}'"));
+    pg.batch_execute(&format!(
+        "BEGIN;
+         INSERT INTO {items} VALUES (1, 'pen', 1.5, '{{\"colour\": \"blue\"}}', '2026-11-27 10:00:00+01'),
+                                    (2, 'ink', 2, NULL, NULL);
+         INSERT INTO {stock} VALUES ('pen', 10);
+         COMMIT;
+         UPDATE {items} SET name = 'fountain pen' WHERE id = 1;
+         UPDATE {stock} SET sku = 'pen-1' WHERE sku = 'pen';
+         DELETE FROM {items} WHERE id = 2;"
+    ))
+    .unwrap();
+
+    let events = consume_events(&format!("{prefix}.{items}"), 4, TIMEOUT);
+    let summary: Vec<_> = events.iter().map(|e| (e.op().to_string(), e.key.clone().unwrap())).collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("c".into(), json!({"id": 1})),
+            ("c".into(), json!({"id": 2})),
+            ("u".into(), json!({"id": 1})),
+            ("d".into(), json!({"id": 2}))
+        ],
+        "{}",
+        publication_status(&mut pg, &name)
+    );
+    assert_eq!(
+        events[0].after(),
+        &json!({"id": 1, "name": "pen", "price": 1.50, "doc": {"colour": "blue"}, "at": "2026-11-27T09:00:00.000000Z"})
+    );
+    assert_eq!(events[2].after()["name"], "fountain pen");
+    assert_eq!(events[3].value.as_ref().unwrap()["before"], json!({"id": 2}));
+    let source = &events[0].value.as_ref().unwrap()["source"];
+    assert_eq!((source["schema"].as_str(), source["table"].as_str()), (Some("public"), Some(items.as_str())));
+    // Positions grow in commit order; the first transaction's events share its commit LSN.
+    let positions: Vec<_> = events.iter().map(Event::position).collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "positions out of order: {positions:?}");
+    assert_eq!((positions[0].0, positions[0].1, positions[1].1), (positions[1].0, 0, 1));
+
+    let events = consume_events(&format!("{prefix}.{stock}"), 2, TIMEOUT);
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0].position(), (positions[0].0, 2), "third change of the first transaction");
+    let update = events[1].value.as_ref().unwrap();
+    assert_eq!((update["op"].as_str(), &update["before"]), (Some("u"), &json!({"sku": "pen"})));
+    assert_eq!(
+        (&update["after"], events[1].key.as_ref().unwrap()),
+        (&json!({"sku": "pen-1", "n": 10}), &json!({"sku": "pen-1"}))
+    );
+
+    drop_publication(&mut pg, &name);
+}
+
+#[test]
+fn send_publishes_if_and_only_if_the_transaction_commits() {
+    let mut pg = pg();
+    let (table, name, topic) = (unique("orders"), unique("pub"), unique("notes"));
+    pg.batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)")).unwrap();
+    create_publication(&mut pg, &name, &[&table], "");
+    // One statement list per call: a list runs as one implicit transaction.
+    pg.batch_execute(&format!("BEGIN; SELECT kafka.send('{name}', '{topic}', 'k1', 'rolled back'); ROLLBACK;"))
+        .unwrap();
+    pg.batch_execute(&format!(
+        "BEGIN; INSERT INTO {table} VALUES (1); SELECT kafka.send('{name}', '{topic}', 'k2', '{{\"n\": 2}}'); COMMIT;"
+    ))
+    .unwrap();
+    pg.batch_execute(&format!("SELECT kafka.send('{name}', '{topic}', NULL, '\\x00ff'::bytea)")).unwrap();
+    pg.batch_execute(&format!("BEGIN; SELECT kafka.send('{name}', '{topic}', 'k3', 'failed'); SELECT 1/0;"))
+        .unwrap_err();
+    pg.batch_execute("ROLLBACK").unwrap();
+    pg.batch_execute(&format!("SELECT kafka.send('{name}', '{topic}', 'k4', 'last')")).unwrap();
+
+    let messages = consume_all(&topic, 3, TIMEOUT);
+    let seen: Vec<_> = messages.iter().map(|m| (m.2.clone(), m.3.clone())).collect();
+    assert_eq!(
+        seen,
+        vec![
+            (Some(b"k2".to_vec()), Some(b"{\"n\": 2}".to_vec())),
+            (None, Some(vec![0u8, 255])),
+            (Some(b"k4".to_vec()), Some(b"last".to_vec())),
+        ],
+        "{}",
+        publication_status(&mut pg, &name)
+    );
+    drop_publication(&mut pg, &name);
+}
+
+#[test]
+fn changes_made_while_stopped_are_published_after_start() {
+    let mut pg = pg();
+    let (table, name, prefix) = (unique("t"), unique("pub"), unique("p"));
+    pg.batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)")).unwrap();
+    create_publication(&mut pg, &name, &[&table], &format!(", topic => '{prefix}.{{table}}'"));
+    let topic = format!("{prefix}.{table}");
+    pg.batch_execute(&format!("INSERT INTO {table} VALUES (1)")).unwrap();
+    wait_for("the first event", TIMEOUT, || consume_events(&topic, 1, Duration::from_secs(5)).len() == 1);
+
+    pg.batch_execute(&format!("SELECT kafka.stop_publication('{name}')")).unwrap();
+    wait_for("the worker to stop", TIMEOUT, || publication_worker_pids(&mut pg, &name).is_empty());
+    pg.batch_execute(&format!("INSERT INTO {table} SELECT generate_series(2, 1000)")).unwrap();
+    let state: String =
+        pg.query_one("SELECT state FROM kafka.publication_status WHERE publication = $1", &[&name]).unwrap().get(0);
+    assert_eq!(state, "stopped");
+    pg.batch_execute(&format!("SELECT kafka.start_publication('{name}')")).unwrap();
+    let events = consume_events(&topic, 1000, TIMEOUT);
+    let ids: Vec<i64> = events.iter().map(|e| e.after()["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, (1..=1000).collect::<Vec<_>>(), "{}", publication_status(&mut pg, &name));
+    drop_publication(&mut pg, &name);
+}
+
+#[test]
+fn an_unreachable_broker_and_a_missing_slot_show_in_the_status() {
+    let mut pg = pg();
+    let (table, name) = (unique("t"), unique("pub"));
+    pg.batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)")).unwrap();
+    pg.batch_execute(&format!(
+        "SELECT kafka.create_publication('{name}', '127.0.0.1:9', ARRAY['{table}']::regclass[], \
+         options => '{{\"socket.connection.setup.timeout.ms\": \"1000\"}}')"
+    ))
+    .unwrap();
+    wait_for("the broker error in the status", TIMEOUT, || {
+        publication_error(&mut pg, &name).is_some_and(|e| e.contains("Kafka"))
+    });
+
+    pg.batch_execute(&format!("SELECT kafka.stop_publication('{name}')")).unwrap();
+    wait_for("the worker to stop", TIMEOUT, || publication_worker_pids(&mut pg, &name).is_empty());
+    pg.batch_execute(&format!("SELECT pg_drop_replication_slot('pg_kafka_bridge_{name}')")).unwrap();
+    pg.batch_execute(&format!("SELECT kafka.start_publication('{name}')")).unwrap();
+    wait_for("the missing slot in the status", TIMEOUT, || {
+        publication_error(&mut pg, &name).is_some_and(|e| e.contains("does not exist"))
+    });
+    let state: String =
+        pg.query_one("SELECT state FROM kafka.publication_status WHERE publication = $1", &[&name]).unwrap().get(0);
+    assert_eq!(state, "error");
+    drop_publication(&mut pg, &name);
+}
+
+#[test]
+fn an_idle_publication_does_not_hold_back_wal() {
+    let mut pg = pg();
+    let (quiet, busy, name) = (unique("quiet"), unique("busy"), unique("pub"));
+    pg.batch_execute(&format!("CREATE TABLE {quiet} (id int PRIMARY KEY); CREATE TABLE {busy} (id int, pad text)"))
+        .unwrap();
+    create_publication(&mut pg, &name, &[&quiet], "");
+    wait_for("the worker to run", TIMEOUT, || publication_status(&mut pg, &name).contains("running"));
+    // About 100 MB of WAL from a table the publication does not publish.
+    let before: String = pg.query_one("SELECT pg_current_wal_lsn()::text", &[]).unwrap().get(0);
+    for _ in 0..10 {
+        pg.batch_execute(&format!("INSERT INTO {busy} SELECT i, repeat('x', 200) FROM generate_series(1, 40000) i"))
+            .unwrap();
+    }
+    let written: i64 = pg
+        .query_one("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::bigint", &[&before])
+        .unwrap()
+        .get(0);
+    assert!(written > 50_000_000, "the busy table wrote only {written} bytes of WAL");
+    wait_for("the slot to let the WAL go", Duration::from_secs(90), || {
+        let retained: Option<i64> = pg
+            .query_one("SELECT retained_wal_bytes FROM kafka.publication_status WHERE publication = $1", &[&name])
+            .unwrap()
+            .get(0);
+        retained.is_some_and(|r| r < 16 * 1024 * 1024)
+    });
+    drop_publication(&mut pg, &name);
+}
