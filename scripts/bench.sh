@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Benchmark: a subscription ingesting JSON orders against COPY FROM STDIN of the same rows,
-# measured in one run, plus the worker's peak memory. Usage: bench.sh [MESSAGES]
+# Benchmarks, each against its baseline measured in the same run:
+#   bench.sh [subscription] [MESSAGES]   a subscription vs COPY FROM STDIN, plus worker memory
+#   bench.sh publication [CHANGES]       a publication vs pg_recvlogical on the same WAL
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
+what=subscription
+case "${1:-}" in
+  subscription|publication) what=$1; shift ;;
+esac
 bash scripts/setup.sh
 bash scripts/install.sh
 bash scripts/cluster.sh restart   # picks up a newly installed library
@@ -14,4 +19,8 @@ bash scripts/broker.sh stop
 rm -rf "$PGKB_BROKER_DIR"
 bash scripts/broker.sh start
 trap 'bash scripts/broker.sh stop' EXIT
-cargo run --quiet --profile e2e -p pg_kafka_bridge_e2e --bin pgkb-bench -- "${1:-1000000}"
+if [ "$what" = publication ]; then
+  cargo run --quiet --profile e2e -p pg_kafka_bridge_e2e --bin pgkb-bench-publication -- "${1:-1000000}"
+else
+  cargo run --quiet --profile e2e -p pg_kafka_bridge_e2e --bin pgkb-bench -- "${1:-1000000}"
+fi

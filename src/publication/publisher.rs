@@ -25,7 +25,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 /// Most events in one Kafka transaction; a larger PostgreSQL transaction spans several.
-const MAX_EVENTS_PER_KAFKA_TRANSACTION: usize = 200_000;
+const MAX_EVENTS_PER_KAFKA_TRANSACTION: usize = 50_000;
 /// Longest a Kafka transaction stays open while decoding goes on.
 pub const MAX_KAFKA_TRANSACTION_AGE: Duration = Duration::from_millis(500);
 /// Kafka calls block for at most this long at a time, so that signals are served.

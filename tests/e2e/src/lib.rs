@@ -3,6 +3,7 @@
 //! (`PGHOST`, `PGPORT`, `KAFKA_BROKERS`; `scripts/env.sh` sets the defaults). The cluster is
 //! controlled through `scripts/cluster.sh`, the local broker through `scripts/broker.sh`.
 
+pub mod memory;
 pub mod orders;
 
 use postgres::{Client, NoTls};
@@ -459,4 +460,40 @@ pub fn consume_events(topic: &str, expected_at_least: usize, timeout: Duration) 
     let mut messages = consume_all(topic, expected_at_least, timeout);
     messages.sort_by_key(|m| (m.0, m.1));
     messages.iter().map(|m| Event { key: parse(&m.2), value: parse(&m.3), raw_value: m.3.clone() }).collect()
+}
+
+/// Every committed message of a single-partition topic, in order, read by `kcat` (Debian's
+/// build of an older librdkafka): an independent read_committed consumer. The local broker
+/// lists aborted transactions in a way that makes librdkafka 2.12's consumer stop short on a
+/// topic with many of them; kcat reads such topics to the end. Keys and values must be text
+/// without newlines (change events are). Waits until at least `expected` messages are there,
+/// then reads once more to catch any beyond.
+pub fn read_events_with_kcat(topic: &str, expected: usize, timeout: Duration) -> Vec<Event> {
+    let read = || -> Vec<Event> {
+        let output = Command::new("kcat")
+            .args(["-C", "-b", &brokers(), "-t", topic, "-p", "0", "-o", "beginning", "-e", "-q"])
+            .args(["-X", "isolation.level=read_committed", "-f", "%k\t%s\n"])
+            .output()
+            .expect("run kcat");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|line| {
+                let (key, value) = line.split_once('\t').unwrap_or((line, ""));
+                Event {
+                    key: serde_json::from_str(key).ok(),
+                    value: serde_json::from_str(value).ok(),
+                    raw_value: Some(value.as_bytes().to_vec()),
+                }
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        let events = read();
+        if events.len() >= expected || Instant::now() > deadline {
+            std::thread::sleep(Duration::from_secs(3));
+            return read();
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
 }

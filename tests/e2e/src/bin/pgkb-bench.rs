@@ -6,16 +6,14 @@
 //! 2. streaming: a second subscription consumes while N more orders are being produced, to
 //!    show the worker's memory while it keeps up with a live stream.
 //!
-//! Memory is the worker's private resident memory (RssAnon, sampled every 50 ms): a backend's
-//! plain RSS also counts the shared buffers it touched, which belong to the whole server.
+//! Memory is the worker's private resident memory (see `memory`).
 //!
 //!   pgkb-bench [MESSAGES]        (default 1000000)
 
+use pg_kafka_bridge_e2e::memory::MemorySampler;
 use pg_kafka_bridge_e2e::orders;
 use pg_kafka_bridge_e2e::*;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Messages per second produced in the streaming phase.
@@ -71,7 +69,7 @@ fn main() {
     let options = if local_broker() { r#"{"receive.message.max.bytes": "2000000000"}"# } else { "{}" };
     let started = Instant::now();
     create_subscription(&mut pg, &sub, &topic, &table, &format!(", options => '{options}'{}", batch_size_argument()));
-    let sampler = MemorySampler::start(&sub);
+    let sampler = MemorySampler::start(subscription_workers(&sub));
     let non_empty = format!("SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT 1) t");
     wait_for("the first row", Duration::from_secs(120), || count(&mut pg, &non_empty) > 0);
     let first_row_secs = started.elapsed().as_secs_f64();
@@ -90,7 +88,7 @@ fn main() {
     pg.batch_execute(&format!("CREATE TABLE {stream_table} ({TABLE_COLUMNS}) {TABLE_OPTIONS}")).unwrap();
     create_subscription(&mut pg, &stream_sub, &stream_topic, &stream_table, &batch_size_argument());
     wait_for("the streaming worker", Duration::from_secs(30), || !worker_pids(&mut pg, &stream_sub).is_empty());
-    let sampler = MemorySampler::start(&stream_sub);
+    let sampler = MemorySampler::start(subscription_workers(&stream_sub));
     let started = Instant::now();
     let p = producer();
     for id in 0..messages {
@@ -139,53 +137,8 @@ fn batch_size_argument() -> String {
     std::env::var("PGKB_BENCH_BATCH_SIZE").map(|n| format!(", batch_size => {n}")).unwrap_or_default()
 }
 
-/// Samples the private resident memory of a subscription's workers until stopped.
-struct MemorySampler {
-    running: Arc<AtomicBool>,
-    peak_anon_kb: Arc<AtomicU64>,
-    peak_hwm_kb: Arc<AtomicU64>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl MemorySampler {
-    fn start(subscription: &str) -> MemorySampler {
-        let running = Arc::new(AtomicBool::new(true));
-        let peak_anon_kb = Arc::new(AtomicU64::new(0));
-        let peak_hwm_kb = Arc::new(AtomicU64::new(0));
-        let thread = {
-            let (running, anon, hwm, subscription) =
-                (running.clone(), peak_anon_kb.clone(), peak_hwm_kb.clone(), subscription.to_string());
-            std::thread::spawn(move || {
-                let mut pg = pg();
-                while running.load(Ordering::SeqCst) {
-                    for pid in worker_pids(&mut pg, &subscription) {
-                        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-                        anon.fetch_max(status_kb(&status, "RssAnon:"), Ordering::SeqCst);
-                        hwm.fetch_max(status_kb(&status, "VmHWM:"), Ordering::SeqCst);
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            })
-        };
-        MemorySampler { running, peak_anon_kb, peak_hwm_kb, thread }
-    }
-
-    /// Peak private RSS and peak total RSS, in MB.
-    fn stop(self) -> (f64, f64) {
-        self.running.store(false, Ordering::SeqCst);
-        self.thread.join().unwrap();
-        (
-            self.peak_anon_kb.load(Ordering::SeqCst) as f64 / 1024.0,
-            self.peak_hwm_kb.load(Ordering::SeqCst) as f64 / 1024.0,
-        )
-    }
-}
-
-fn status_kb(status: &str, field: &str) -> u64 {
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+/// The PIDs of a subscription's workers, for the memory sampler.
+fn subscription_workers(subscription: &str) -> impl FnMut(&mut postgres::Client) -> Vec<i32> + Send + 'static {
+    let subscription = subscription.to_string();
+    move |pg| worker_pids(pg, &subscription)
 }

@@ -1,0 +1,93 @@
+//! Benchmark of the PostgreSQL-to-Kafka path against its baseline, on the same WAL:
+//!
+//! A stopped publication and a `test_decoding` slot are created, then N row changes are
+//! written (inserts of 5-column orders: one transaction of 100,000 rows, the rest in
+//! transactions of 1,000). Baseline: `pg_recvlogical` drains the test_decoding slot to
+//! /dev/null up to the end of that WAL. Product: the publication is started and timed until
+//! its slot is confirmed past the same point, i.e. until every change is committed to Kafka.
+//! Then every event is read back to check that each change is there exactly once.
+//!
+//!   pgkb-bench-publication [CHANGES]        (default 1000000)
+
+use pg_kafka_bridge_e2e::memory::MemorySampler;
+use pg_kafka_bridge_e2e::*;
+use std::collections::HashSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const BIG_TRANSACTION: i64 = 100_000;
+const TRANSACTION: i64 = 1_000;
+
+fn main() {
+    let changes: i64 = std::env::args().nth(1).map(|s| s.parse().expect("CHANGES is a number")).unwrap_or(1_000_000);
+    let mut pg = pg();
+    let (table, name, recv_slot) = (unique("bench_pub"), unique("bench_pub"), unique("bench_recv"));
+    pg.batch_execute(&format!(
+        "CREATE TABLE {table} (id bigint PRIMARY KEY, customer text, amount numeric(12,2), \
+         created_at timestamptz, payload jsonb) WITH (autovacuum_enabled = false)"
+    ))
+    .unwrap();
+    create_publication(&mut pg, &name, &[&table], ", topic => 'bench.{table}'");
+    pg.batch_execute(&format!("SELECT kafka.stop_publication('{name}')")).unwrap();
+    wait_for("the worker to stop", Duration::from_secs(30), || publication_worker_pids(&mut pg, &name).is_empty());
+    pg.batch_execute(&format!("SELECT pg_create_logical_replication_slot('{recv_slot}', 'test_decoding')")).unwrap();
+
+    println!("writing {changes} row changes ({BIG_TRANSACTION} in one transaction, the rest {TRANSACTION} per transaction)...");
+    let started = Instant::now();
+    let mut next = 0i64;
+    while next < changes {
+        let size = if next == 0 { BIG_TRANSACTION.min(changes) } else { TRANSACTION.min(changes - next) };
+        pg.batch_execute(&format!(
+            "INSERT INTO {table} SELECT i, 'customer-' || (i % 1000), (i % 100000) / 100.0, \
+             '2026-11-27 10:00:00+00'::timestamptz + i * interval '1 second', \
+             jsonb_build_object('sku', 'SKU-' || (i % 97), 'qty', i % 5 + 1) \
+             FROM generate_series({next}, {}) i",
+            next + size - 1
+        ))
+        .unwrap();
+        next += size;
+    }
+    let end_lsn: String = pg.query_one("SELECT pg_current_wal_lsn()::text", &[]).unwrap().get(0);
+    println!("  written in {:.1} s, WAL up to {end_lsn}", started.elapsed().as_secs_f64());
+    pg.batch_execute("CHECKPOINT").unwrap();
+
+    // Baseline: the same WAL decoded by pg_recvlogical with test_decoding, output discarded.
+    let started = Instant::now();
+    let status = Command::new(format!("{}/pg_recvlogical", std::env::var("PG_BIN").unwrap_or_default()))
+        .args(["-d", &connection_string(), "--slot", &recv_slot, "--start", "--endpos", &end_lsn, "-f", "/dev/null"])
+        .status()
+        .expect("run pg_recvlogical");
+    assert!(status.success(), "pg_recvlogical failed: {status}");
+    let recv_secs = started.elapsed().as_secs_f64();
+    pg.batch_execute(&format!("SELECT pg_drop_replication_slot('{recv_slot}')")).unwrap();
+
+    // The publication, from the same WAL, until its slot is confirmed past the end.
+    let started = Instant::now();
+    pg.batch_execute(&format!("SELECT kafka.start_publication('{name}')")).unwrap();
+    let sampler = MemorySampler::start({
+        let name = name.clone();
+        move |pg| publication_worker_pids(pg, &name)
+    });
+    let done = format!(
+        "SELECT count(*) FROM kafka.publication_status WHERE publication = '{name}' AND confirmed_lsn >= '{end_lsn}'"
+    );
+    wait_for("the publication to publish everything", Duration::from_secs(900), || count(&mut pg, &done) == 1);
+    let publish_secs = started.elapsed().as_secs_f64();
+    let memory = sampler.stop();
+
+    let events = read_events_with_kcat(&format!("bench.{table}"), changes as usize, Duration::from_secs(120));
+    let ids: HashSet<i64> = events.iter().filter_map(|e| e.after()["id"].as_i64()).collect();
+    assert_eq!(events.len() as i64, changes, "events in Kafka");
+    assert_eq!(ids.len() as i64, changes, "distinct changes in Kafka");
+    drop_publication(&mut pg, &name);
+    pg.batch_execute(&format!("DROP TABLE {table}")).unwrap();
+
+    let rate = |secs: f64| changes as f64 / secs;
+    println!();
+    println!("changes: {changes} inserts of 5-column rows, one transaction of {BIG_TRANSACTION}, the rest of {TRANSACTION}");
+    println!("pg_recvlogical, test_decoding (baseline): {:>9.0} changes/s  ({recv_secs:.2} s)", rate(recv_secs));
+    println!("publication, to Kafka, exactly once:      {:>9.0} changes/s  ({publish_secs:.2} s)", rate(publish_secs));
+    println!("ratio publication / pg_recvlogical:       {:>9.2}", recv_secs / publish_secs);
+    println!("events read back: {} ({} distinct)", events.len(), ids.len());
+    println!("worker peak memory: {:.1} MB private (RssAnon), {:.1} MB RSS incl. shared buffers (VmHWM)", memory.0, memory.1);
+}
