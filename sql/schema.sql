@@ -11,7 +11,7 @@ CREATE TABLE subscription_catalog (
     -- The target is stored by name so that a dropped and recreated table is found again.
     target_schema    name NOT NULL,
     target_table     name NOT NULL,
-    format           text NOT NULL CHECK (format IN ('json', 'text', 'bytea')),
+    format           text NOT NULL CHECK (format IN ('json', 'text', 'bytea', 'change')),
     mode             text NOT NULL CHECK (mode IN ('insert', 'upsert')),
     key_columns      name[],
     start_from       text NOT NULL CHECK (start_from IN ('earliest', 'latest')),

@@ -37,7 +37,7 @@ mod tests {
         assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM kafka.subscriptions").unwrap(), Some(0));
     }
 
-    #[pg_test(error = "unknown format \"xml\": use 'json', 'text' or 'bytea'")]
+    #[pg_test(error = "unknown format \"xml\": use 'json', 'text', 'bytea' or 'change'")]
     fn rejects_unknown_format() {
         create_table();
         create(", format => 'xml'");

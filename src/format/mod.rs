@@ -14,19 +14,32 @@ pub enum Format {
     Json,
     Text,
     Bytea,
+    /// Change events (`{"op", "before", "after", ...}`, as publications and Debezium write
+    /// them): `after` maps to columns like a JSON message; a delete removes its key's row.
+    Change,
 }
 
 impl Format {
-    pub const NAMES: &'static str = "'json', 'text' or 'bytea'";
+    pub const NAMES: &'static str = "'json', 'text', 'bytea' or 'change'";
 
     pub fn parse(s: &str) -> Option<Format> {
         match s {
             "json" => Some(Format::Json),
             "text" => Some(Format::Text),
             "bytea" => Some(Format::Bytea),
+            "change" => Some(Format::Change),
             _ => None,
         }
     }
+}
+
+/// The parts of a change event that decide what it does to the table.
+#[derive(serde::Deserialize)]
+struct ChangeEvent<'a> {
+    #[serde(borrow)]
+    op: &'a str,
+    #[serde(borrow)]
+    after: Option<&'a RawValue>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -166,7 +179,7 @@ impl TargetShape {
             Format::Json if data_columns.len() == 1 && data_columns[0].info.kind == ValueKind::Json => {
                 PayloadRule::Whole { slot: 0 }
             }
-            Format::Json => PayloadRule::Object {
+            Format::Json | Format::Change => PayloadRule::Object {
                 by_name: data_columns.iter().map(|c| (c.info.name.clone(), c.data_slot.unwrap())).collect(),
             },
             Format::Text | Format::Bytea => {
@@ -186,6 +199,9 @@ impl TargetShape {
                 PayloadRule::Whole { slot: column.data_slot.unwrap() }
             }
         };
+        if format == Format::Change && mode != Mode::Upsert {
+            return Err("format 'change' needs mode 'upsert': change events update and delete rows".into());
+        }
         let mut key_indices = Vec::new();
         if mode == Mode::Upsert {
             if key_columns.is_empty() {
@@ -342,6 +358,27 @@ impl EncodedBatch {
                 self.key_values(shape, msg, &mut values)?;
                 true
             }
+            Some(payload) if shape.format == Format::Change => {
+                let event: ChangeEvent =
+                    serde_json::from_slice(payload).map_err(|e| format!("invalid change event: {e}"))?;
+                match (event.op, event.after, &shape.payload) {
+                    ("d", _, _) => {
+                        self.key_values(shape, msg, &mut values)?;
+                        true
+                    }
+                    ("c" | "u" | "r", Some(after), PayloadRule::Object { by_name }) => {
+                        let mut raw: Vec<Option<&RawValue>> = vec![None; shape.data_count];
+                        json::object_fields(after.get().as_bytes(), by_name, &mut raw)
+                            .map_err(|e| format!("invalid change event: \"after\": {e}"))?;
+                        for (v, r) in values.iter_mut().zip(raw) {
+                            *v = r.map(FieldValue::Json);
+                        }
+                        false
+                    }
+                    ("c" | "u" | "r", _, _) => return Err("change event has no \"after\" row".into()),
+                    (op, _, _) => return Err(format!("change event has unknown op \"{op}\"")),
+                }
+            }
             Some(payload) => {
                 match (&shape.payload, shape.format) {
                     (PayloadRule::Object { by_name }, _) => {
@@ -361,6 +398,9 @@ impl EncodedBatch {
                         values[*slot] = Some(FieldValue::Text(payload));
                     }
                     (PayloadRule::Whole { slot }, Format::Bytea) => values[*slot] = Some(FieldValue::Bytes(payload)),
+                    (PayloadRule::Whole { .. }, Format::Change) => {
+                        unreachable!("change events map \"after\" to columns, handled above")
+                    }
                 }
                 false
             }

@@ -132,3 +132,29 @@ fn shape_errors_name_the_problem() {
     let bad_key = TargetShape::new(vec![col("a", ValueKind::Other)], Format::Json, Mode::Upsert, &["zz".into()]);
     assert!(bad_key.unwrap_err().contains("\"zz\""));
 }
+
+#[test]
+fn change_events_upsert_their_after_row_and_delete_by_key() {
+    let columns = vec![col("id", ValueKind::Other), col("name", ValueKind::Other)];
+    let shape = TargetShape::new(columns.clone(), Format::Change, Mode::Upsert, &["id".into()]).unwrap();
+    let mut b = EncodedBatch::default();
+    let source = r#""source": {"lsn": 1, "seq": 0}"#;
+    let insert = format!(r#"{{"op": "c", "before": null, "after": {{"id": 1, "name": "pen"}}, {source}}}"#);
+    let update = r#"{"op": "u", "before": {"id": 1}, "after": {"id": 1}, "unchanged_toast": ["name"]}"#;
+    let delete = r#"{"op": "d", "before": {"id": 1}, "after": null}"#;
+    b.push(&shape, 0, &msg(0, Some(br#"{"id": 1}"#), Some(insert.as_bytes())));
+    b.push(&shape, 1, &msg(1, Some(br#"{"id": 1}"#), Some(update.as_bytes())));
+    b.push(&shape, 2, &msg(2, Some(br#"{"id": 1}"#), Some(delete.as_bytes())));
+    b.push(&shape, 3, &msg(3, Some(br#"{"id": 2}"#), Some(br#"{"op": "x", "after": {}}"#)));
+    b.push(&shape, 4, &msg(4, Some(br#"{"id": 2}"#), Some(br#"{"op": "c", "after": null}"#)));
+    b.push(&shape, 5, &msg(5, Some(br#"{"id": 2}"#), Some(b"[1]")));
+    assert_eq!(lines(&b), vec!["1\tpen\t0\tf", "1\t1\tf", "1\t2\tt"]);
+    // An update that leaves a column out leaves that column as it is.
+    assert_eq!(b.column_names(&shape, 1), vec!["id", STAGING_ORDINAL, STAGING_TOMBSTONE]);
+    let errors: Vec<_> = b.rejected.iter().map(|r| (r.message, r.error.as_str())).collect();
+    assert_eq!(errors[0], (3, "change event has unknown op \"x\""));
+    assert_eq!(errors[1], (4, "change event has no \"after\" row"));
+    assert!(errors[2].1.starts_with("invalid change event"), "{errors:?}");
+    let insert_mode = TargetShape::new(columns, Format::Change, Mode::Insert, &[]).unwrap_err();
+    assert_eq!(insert_mode, "format 'change' needs mode 'upsert': change events update and delete rows");
+}

@@ -5,6 +5,7 @@
 
 pub mod memory;
 pub mod orders;
+pub mod workload;
 
 use postgres::{Client, NoTls};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -228,6 +229,8 @@ pub fn consume_all(topic: &str, expected_at_least: usize, timeout: Duration) -> 
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
         .set("topic.metadata.refresh.interval.ms", "1000")
+        // The local broker answers a fetch with the whole rest of the topic.
+        .set("receive.message.max.bytes", "2000000000")
         .create()
         .unwrap();
     consumer.subscribe(&[topic]).unwrap();
@@ -472,7 +475,9 @@ pub fn read_events_with_kcat(topic: &str, expected: usize, timeout: Duration) ->
     let read = || -> Vec<Event> {
         let output = Command::new("kcat")
             .args(["-C", "-b", &brokers(), "-t", topic, "-p", "0", "-o", "beginning", "-e", "-q"])
-            .args(["-X", "isolation.level=read_committed", "-f", "%k\t%s\n"])
+            // The local broker answers a fetch with the whole rest of the topic.
+            .args(["-X", "isolation.level=read_committed", "-X", "receive.message.max.bytes=2000000000"])
+            .args(["-f", "%k\t%s\n"])
             .output()
             .expect("run kcat");
         String::from_utf8_lossy(&output.stdout)
