@@ -34,7 +34,9 @@ CONF
 # publications decode with the extension's own plugin.
 approve_output_plugin() {
   local conf="$PGKB_PGDATA/postgresql.conf"
-  as_pg_user "$PG_BIN/postgres" --describe-config 2>/dev/null | grep -q '^output_plugin_libraries' || return 0
+  local settings
+  settings=$(as_pg_user "$PG_BIN/postgres" --describe-config 2>/dev/null)
+  grep -q '^output_plugin_libraries' <<<"$settings" || return 0
   grep -q '^output_plugin_libraries' "$conf" && return 0
   echo "output_plugin_libraries = 'pgoutput, test_decoding, pg_kafka_bridge'" >>"$conf"
 }
@@ -43,7 +45,8 @@ start() {
   init
   approve_output_plugin
   as_pg_user "$PG_BIN/pg_ctl" -D "$PGKB_PGDATA" status >/dev/null 2>&1 && return 0
-  as_pg_user "$PG_BIN/pg_ctl" -D "$PGKB_PGDATA" -l "$log" -w -t 60 start >/dev/null
+  # A backtrace setting inherited from a Rust build would add backtraces to users' errors.
+  as_pg_user env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE "$PG_BIN/pg_ctl" -D "$PGKB_PGDATA" -l "$log" -w -t 60 start >/dev/null
 }
 
 stop() {

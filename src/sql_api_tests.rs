@@ -161,4 +161,40 @@ mod tests {
         Spi::run("SET LOCAL ROLE pgkb_intruder").unwrap();
         Spi::run("SELECT kafka.stop_subscription('s1')").unwrap();
     }
+
+    fn create_publication(extra: &str) {
+        Spi::run(&format!(
+            "SELECT kafka.create_publication('p1', '127.0.0.1:9', ARRAY['public.t']::regclass[]{extra})"
+        ))
+        .unwrap();
+    }
+
+    // The test cluster runs with the default wal_level (replica): arguments are checked first,
+    // then the server's configuration, before any slot is made.
+    #[pg_test(error = "publications need wal_level = logical in postgresql.conf (and a server restart)")]
+    fn publications_need_logical_decoding() {
+        create_table();
+        create_publication("");
+    }
+
+    #[pg_test(error = "invalid topic name \"cdc t\": Kafka topics use 1 to 249 letters, digits, '_', '.' or '-'")]
+    fn publication_topics_must_be_valid_names() {
+        create_table();
+        create_publication(", topic => 'cdc {table}'");
+    }
+
+    #[pg_test(
+        error = "public.k has no key for its events: add a primary key, or set REPLICA IDENTITY USING INDEX on a unique index"
+    )]
+    fn published_tables_need_a_key() {
+        Spi::run("CREATE TABLE public.k (a int)").unwrap();
+        Spi::run("SELECT kafka.create_publication('p1', '127.0.0.1:9', ARRAY['public.k']::regclass[])").unwrap();
+    }
+
+    #[pg_test(error = "permission denied for function send")]
+    fn send_is_not_public() {
+        Spi::run("CREATE ROLE pgkb_sender").unwrap();
+        Spi::run("SET LOCAL ROLE pgkb_sender").unwrap();
+        Spi::run("SELECT kafka.send('p1', 'topic', 'k', 'v')").unwrap();
+    }
 }

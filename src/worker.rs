@@ -29,6 +29,12 @@ pub fn attach(database: &str) -> Option<SlotId> {
     Some(id)
 }
 
+/// [`attach`], then the worker's slot as the launcher filled it (which object, which index).
+pub fn attach_with_slot(database: &str) -> Option<(SlotId, shmem::WorkerSlot)> {
+    let id = attach(database)?;
+    shmem::snapshot().into_iter().find(|(s, _)| *s == id)
+}
+
 static ATTACHED_SLOT: OnceLock<SlotId> = OnceLock::new();
 
 #[pgrx::pg_guard]

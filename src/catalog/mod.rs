@@ -113,22 +113,28 @@ impl Subscription {
     }
 
     pub fn set_enabled(&self, enabled: bool) -> Result<()> {
-        Spi::connect_mut(|client| {
-            client.update(
-                "UPDATE kafka.subscription_catalog SET enabled = $2 WHERE id = $1",
-                None,
-                &[self.id.into(), enabled.into()],
-            )?;
-            Ok(())
-        })
+        set_enabled_in("kafka.subscription_catalog", self.id, enabled)
     }
 
     pub fn delete(&self) -> Result<()> {
-        Spi::connect_mut(|client| {
-            client.update("DELETE FROM kafka.subscription_catalog WHERE id = $1", None, &[self.id.into()])?;
-            Ok(())
-        })
+        delete_from("kafka.subscription_catalog", self.id)
     }
+}
+
+/// Starts or stops catalog entry `id` of `table`, one of the extension's catalog tables.
+fn set_enabled_in(table: &str, id: i32, enabled: bool) -> Result<()> {
+    Spi::connect_mut(|client| {
+        client.update(&format!("UPDATE {table} SET enabled = $2 WHERE id = $1"), None, &[id.into(), enabled.into()])?;
+        Ok(())
+    })
+}
+
+/// Deletes catalog entry `id` of `table`, one of the extension's catalog tables.
+fn delete_from(table: &str, id: i32) -> Result<()> {
+    Spi::connect_mut(|client| {
+        client.update(&format!("DELETE FROM {table} WHERE id = $1"), None, &[id.into()])?;
+        Ok(())
+    })
 }
 
 /// A column of a catalog row that must not be null.

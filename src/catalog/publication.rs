@@ -94,21 +94,11 @@ impl Publication {
     }
 
     pub fn set_enabled(&self, enabled: bool) -> Result<()> {
-        Spi::connect_mut(|client| {
-            client.update(
-                "UPDATE kafka.publication_catalog SET enabled = $2 WHERE id = $1",
-                None,
-                &[self.id.into(), enabled.into()],
-            )?;
-            Ok(())
-        })
+        super::set_enabled_in("kafka.publication_catalog", self.id, enabled)
     }
 
     pub fn delete(&self) -> Result<()> {
-        Spi::connect_mut(|client| {
-            client.update("DELETE FROM kafka.publication_catalog WHERE id = $1", None, &[self.id.into()])?;
-            Ok(())
-        })
+        super::delete_from("kafka.publication_catalog", self.id)
     }
 }
 

@@ -30,10 +30,7 @@ const HEARTBEAT: Duration = Duration::from_secs(10);
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn pg_kafka_bridge_publication_main(_arg: pg_sys::Datum) {
-    let Some(id) = worker::attach(&settings::database()) else {
-        return;
-    };
-    let Some(slot) = shmem::snapshot().into_iter().find(|(s, _)| *s == id).map(|(_, slot)| slot) else {
+    let Some((id, slot)) = worker::attach_with_slot(&settings::database()) else {
         return;
     };
     let worker = PublicationWorker { id, publication_id: slot.object_id };

@@ -31,10 +31,7 @@ const PUBLISH_INTERVAL: Duration = Duration::from_secs(5);
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn pg_kafka_bridge_subscription_main(_arg: pg_sys::Datum) {
-    let Some(id) = worker::attach(&settings::database()) else {
-        return;
-    };
-    let Some(slot) = shmem::snapshot().into_iter().find(|(s, _)| *s == id).map(|(_, slot)| slot) else {
+    let Some((id, slot)) = worker::attach_with_slot(&settings::database()) else {
         return;
     };
     let mut worker = SubscriptionWorker { id, subscription_id: slot.object_id, worker_index: slot.worker_index };
