@@ -30,8 +30,8 @@ const MAX_EVENTS_PER_KAFKA_TRANSACTION: usize = 50_000;
 pub const MAX_KAFKA_TRANSACTION_AGE: Duration = Duration::from_millis(500);
 /// Kafka calls block for at most this long at a time, so that signals are served.
 const CALL_SLICE: Duration = Duration::from_secs(1);
-/// Longest wait for the broker during set-up.
-const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for the broker during set-up or a commit.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where an event stands in the publication's stream: its transaction's commit LSN, then
 /// its index within that transaction.
@@ -252,6 +252,10 @@ fn retry_while_timed_out(what: &str, mut call: impl FnMut() -> rdkafka::error::K
             Err(KafkaError::Transaction(e))
                 if e.code() == RDKafkaErrorCode::OperationTimedOut && Instant::now() < deadline =>
             {
+                worker::check_interrupts();
+            }
+            // A commit first flushes the queue; a flush that timed out leaves it queued.
+            Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) if Instant::now() < deadline => {
                 worker::check_interrupts();
             }
             Err(e) => return Err(BridgeError::Kafka(format!("{what}: {e}"))),
