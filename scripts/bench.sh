@@ -2,12 +2,13 @@
 # Benchmarks, each against its baseline measured in the same run:
 #   bench.sh [subscription] [MESSAGES]   a subscription vs COPY FROM STDIN, plus worker memory
 #   bench.sh publication [CHANGES]       a publication vs pg_recvlogical on the same WAL
+#   bench.sh transaction [ROWS]          a publication publishing one transaction of ROWS rows
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 what=subscription
 case "${1:-}" in
-  subscription|publication) what=$1; shift ;;
+  subscription|publication|transaction) what=$1; shift ;;
 esac
 bash scripts/setup.sh
 bash scripts/install.sh
@@ -21,6 +22,8 @@ bash scripts/broker.sh start
 trap 'bash scripts/broker.sh stop' EXIT
 if [ "$what" = publication ]; then
   cargo run --quiet --profile e2e -p pg_kafka_bridge_e2e --bin pgkb-bench-publication -- "${1:-1000000}"
+elif [ "$what" = transaction ]; then
+  cargo run --quiet --profile e2e -p pg_kafka_bridge_e2e --bin pgkb-bench-publication -- --one-transaction "${1:-1000000}"
 else
   cargo run --quiet --profile e2e -p pg_kafka_bridge_e2e --bin pgkb-bench -- "${1:-1000000}"
 fi

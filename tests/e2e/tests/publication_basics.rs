@@ -180,3 +180,34 @@ fn an_idle_publication_does_not_hold_back_wal() {
     });
     drop_publication(&mut pg, &name);
 }
+
+#[test]
+fn an_invalidated_slot_shows_in_the_status() {
+    let mut pg = pg();
+    let (table, busy, name) = (unique("t"), unique("busy"), unique("pub"));
+    pg.batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY); CREATE TABLE {busy} (pad text)")).unwrap();
+    create_publication(&mut pg, &name, &[&table], "");
+    pg.batch_execute(&format!("SELECT kafka.stop_publication('{name}')")).unwrap();
+    wait_for("the worker to stop", TIMEOUT, || publication_worker_pids(&mut pg, &name).is_empty());
+    // A stopped slot may keep at most 1 MB of WAL: write more, and let a checkpoint invalidate it.
+    pg.batch_execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'").unwrap();
+    pg.batch_execute("SELECT pg_reload_conf()").unwrap();
+    pg.batch_execute(&format!("INSERT INTO {busy} SELECT repeat('x', 1000) FROM generate_series(1, 100000)")).unwrap();
+    pg.batch_execute("SELECT pg_switch_wal()").unwrap();
+    pg.batch_execute("CHECKPOINT").unwrap();
+    pg.batch_execute("ALTER SYSTEM RESET max_slot_wal_keep_size").unwrap();
+    pg.batch_execute("SELECT pg_reload_conf()").unwrap();
+    let wal_status: Option<String> = pg
+        .query_one(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+            &[&format!("pg_kafka_bridge_{name}")],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(wal_status.as_deref(), Some("lost"));
+    pg.batch_execute(&format!("SELECT kafka.start_publication('{name}')")).unwrap();
+    wait_for("the invalidated slot in the status", TIMEOUT, || {
+        publication_error(&mut pg, &name).is_some_and(|e| e.contains("invalidated"))
+    });
+    drop_publication(&mut pg, &name);
+}

@@ -7,7 +7,12 @@
 //! its slot is confirmed past the same point, i.e. until every change is committed to Kafka.
 //! Then every event is read back to check that each change is there exactly once.
 //!
-//!   pgkb-bench-publication [CHANGES]        (default 1000000)
+//! With `--one-transaction`, it measures instead a running publication publishing a single
+//! transaction of N rows: the time from the insert to the slot's confirmation, and the
+//! worker's peak memory, which `logical_decoding_work_mem` bounds whatever N.
+//!
+//!   pgkb-bench-publication [CHANGES]                     (default 1000000)
+//!   pgkb-bench-publication --one-transaction [ROWS]      (default 1000000)
 
 use pg_kafka_bridge_e2e::memory::MemorySampler;
 use pg_kafka_bridge_e2e::*;
@@ -19,7 +24,56 @@ const BIG_TRANSACTION: i64 = 100_000;
 const TRANSACTION: i64 = 1_000;
 
 fn main() {
-    let changes: i64 = std::env::args().nth(1).map(|s| s.parse().expect("CHANGES is a number")).unwrap_or(1_000_000);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let number = |arg: Option<&String>| arg.map(|s| s.parse().expect("a number of changes")).unwrap_or(1_000_000);
+    match args.first().map(String::as_str) {
+        Some("--one-transaction") => one_transaction(number(args.get(1))),
+        _ => against_pg_recvlogical(number(args.first())),
+    }
+}
+
+fn one_transaction(rows: i64) {
+    let mut pg = pg();
+    let (table, name) = (unique("bench_txn"), unique("bench_txn"));
+    pg.batch_execute(&format!(
+        "CREATE TABLE {table} (id bigint PRIMARY KEY, n int, note text) WITH (autovacuum_enabled = false)"
+    ))
+    .unwrap();
+    create_publication(&mut pg, &name, &[&table], ", topic => 'bench.{table}'");
+    wait_for("the worker", Duration::from_secs(30), || !publication_worker_pids(&mut pg, &name).is_empty());
+    let sampler = MemorySampler::start({
+        let name = name.clone();
+        move |pg| publication_worker_pids(pg, &name)
+    });
+    let started = Instant::now();
+    pg.batch_execute(&format!(
+        "INSERT INTO {table} SELECT i, i % 1000, 'note ' || i FROM generate_series(1, {rows}) i"
+    ))
+    .unwrap();
+    let insert_secs = started.elapsed().as_secs_f64();
+    let end_lsn: String = pg.query_one("SELECT pg_current_wal_lsn()::text", &[]).unwrap().get(0);
+    let done = format!(
+        "SELECT count(*) FROM kafka.publication_status WHERE publication = '{name}' AND confirmed_lsn >= '{end_lsn}'"
+    );
+    wait_for("the publication to publish everything", Duration::from_secs(900), || count(&mut pg, &done) == 1);
+    let publish_secs = started.elapsed().as_secs_f64();
+    let memory = sampler.stop();
+    println!();
+    println!("one transaction of {rows} rows (3 columns), inserted in {insert_secs:.2} s");
+    println!("published to Kafka and confirmed {publish_secs:.2} s after the insert began");
+    println!(
+        "worker peak memory: {:.1} MB private (RssAnon), {:.1} MB RSS incl. shared buffers (VmHWM)",
+        memory.0, memory.1
+    );
+    let events = read_events_with_kcat(&format!("bench.{table}"), rows as usize, Duration::from_secs(600));
+    let ids: HashSet<i64> = events.iter().filter_map(|e| e.after()["id"].as_i64()).collect();
+    println!("events read back: {} ({} distinct changes)", events.len(), ids.len());
+    assert_eq!((events.len() as i64, ids.len() as i64), (rows, rows), "every row once in Kafka");
+    drop_publication(&mut pg, &name);
+    pg.batch_execute(&format!("DROP TABLE {table}")).unwrap();
+}
+
+fn against_pg_recvlogical(changes: i64) {
     let mut pg = pg();
     let (table, name, recv_slot) = (unique("bench_pub"), unique("bench_pub"), unique("bench_recv"));
     pg.batch_execute(&format!(
