@@ -86,6 +86,8 @@ impl PublicationWorker {
             let mut p = publisher.borrow_mut();
             if p.has_open_transaction() && (caught_up || p.open_transaction_age() >= MAX_KAFKA_TRANSACTION_AGE) {
                 p.commit_transaction()?;
+                // The broker took a commit: an error it reported before has passed.
+                shmem::update(self.id, |slot| slot.state = WorkerState::Running);
             }
             if let Some(lsn) = p.take_confirmable() {
                 decoder.confirm(lsn)?;
@@ -94,8 +96,10 @@ impl PublicationWorker {
                 // Nothing is waiting for Kafka: all decoded WAL is dealt with.
                 decoder.confirm(decoder.decoded_up_to())?;
             }
+            // What the broker reports while nothing is to be published shows as the last
+            // error; the state changes only when a commit fails.
             if let Some(e) = p.errors.take() {
-                pgrx::log!("pg_kafka_bridge publication \"{}\": Kafka: {e}", publication.name);
+                shmem::update(self.id, |slot| slot.set_error(&format!("Kafka: {e}")));
             }
             self.report(&p, &mut meter, &mut reported_events);
             drop(p);
