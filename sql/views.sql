@@ -1,14 +1,31 @@
 -- Views over the catalog and the workers' shared-memory slots, and the privileges of the
 -- SQL API. Runs after the functions exist.
 
+-- Librdkafka options as the querying role may see them: values (broker credentials) only
+-- for the owner's roles and superusers, names for everyone.
+CREATE FUNCTION options_as_seen(owner oid, options jsonb) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN pg_catalog.pg_has_role(owner, 'USAGE') THEN options
+                ELSE (SELECT coalesce(pg_catalog.jsonb_object_agg(k, '********'), '{}')
+                        FROM pg_catalog.jsonb_object_keys(options) AS k)
+           END
+$$;
+
+-- The state a status view shows for a subscription or publication and its worker's state.
+CREATE FUNCTION state_as_seen(enabled boolean, worker_state text) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN NOT enabled THEN 'stopped'
+                WHEN pg_catalog.current_database() <> pg_catalog.current_setting('pg_kafka_bridge.database')
+                    THEN 'inactive'
+                ELSE coalesce(worker_state, 'starting') END
+$$;
+
 CREATE VIEW subscriptions AS
 SELECT s.name, s.owner::regrole AS owner, s.brokers, s.topic,
        format('%I.%I', s.target_schema, s.target_table) AS target,
        s.format, s.mode, s.key_columns, s.start_from, s.batch_size, s.batch_timeout_ms,
        s.workers,
-       CASE WHEN pg_catalog.pg_has_role(s.owner, 'USAGE') THEN s.options
-            ELSE (SELECT coalesce(jsonb_object_agg(k, '********'), '{}') FROM jsonb_object_keys(s.options) AS k)
-       END AS options,
+       options_as_seen(s.owner, s.options) AS options,
        s.enabled, s.created_at
   FROM subscription_catalog s;
 
@@ -16,9 +33,7 @@ CREATE VIEW subscription_status AS
 SELECT s.name AS subscription,
        w.worker,
        w.pid,
-       CASE WHEN NOT s.enabled THEN 'stopped'
-            WHEN current_database() <> current_setting('pg_kafka_bridge.database') THEN 'inactive'
-            ELSE coalesce(w.state, 'starting') END AS state,
+       state_as_seen(s.enabled, w.state) AS state,
        s.topic,
        w.partition,
        w.next_offset,
@@ -35,9 +50,7 @@ SELECT s.name AS subscription,
 CREATE VIEW publications AS
 SELECT p.name, p.owner::regrole AS owner, p.brokers, p.tables::regclass[] AS tables, p.topic,
        p.progress_topic, p.slot_name,
-       CASE WHEN pg_catalog.pg_has_role(p.owner, 'USAGE') THEN p.options
-            ELSE (SELECT coalesce(jsonb_object_agg(k, '********'), '{}') FROM jsonb_object_keys(p.options) AS k)
-       END AS options,
+       options_as_seen(p.owner, p.options) AS options,
        p.enabled, p.created_at
   FROM publication_catalog p;
 
@@ -47,10 +60,7 @@ SELECT p.name, p.owner::regrole AS owner, p.brokers, p.tables::regclass[] AS tab
 CREATE VIEW publication_status AS
 SELECT p.name AS publication,
        w.pid,
-       CASE WHEN NOT p.enabled THEN 'stopped'
-            WHEN current_database() <> current_setting('pg_kafka_bridge.database') THEN 'inactive'
-            WHEN r.slot_name IS NULL THEN 'error'
-            ELSE coalesce(w.state, 'starting') END AS state,
+       state_as_seen(p.enabled, CASE WHEN r.slot_name IS NULL THEN 'error' ELSE w.state END) AS state,
        p.slot_name AS slot,
        r.confirmed_flush_lsn AS confirmed_lsn,
        '0/0'::pg_lsn + w.published_lsn AS published_lsn,

@@ -31,12 +31,19 @@ SELECT kafka.start_publication('nope');
 SELECT kafka.drop_publication('nope');
 SELECT kafka.send('nope', 'notes', 'k', 'v');
 
+-- Slots are not transactional: a slot of the publication's name left by a create that rolled
+-- back is replaced; a slot of that name from something else is not touched.
+SELECT slot_name FROM pg_create_logical_replication_slot('pg_kafka_bridge_items_out', 'pg_kafka_bridge');
+SELECT slot_name FROM pg_create_logical_replication_slot('pg_kafka_bridge_other', 'test_decoding');
+SELECT kafka.create_publication('other', 'b:9092', ARRAY['items']::regclass[]);
+SELECT pg_drop_replication_slot('pg_kafka_bridge_other');
+
 -- A good publication, its catalog row and its slot.
 SELECT kafka.create_publication('items_out', 'b:9092', ARRAY['items', 'by_index', 'items']::regclass[],
                                 options => '{"sasl.password": "secret"}');
 SELECT kafka.create_publication('items_out', 'b:9092', ARRAY['items']::regclass[]);
 SELECT name, tables, topic, progress_topic, slot_name, options, enabled FROM kafka.publications;
-SELECT slot_name, plugin, slot_type, database = current_database() AS here FROM pg_replication_slots;
+SELECT slot_name, plugin, slot_type FROM pg_replication_slots WHERE database = current_database();
 -- Workers run in database "postgres" only (pg_kafka_bridge.database).
 SELECT publication, pid, state, slot, last_error FROM kafka.publication_status;
 SELECT kafka.send('items_out', 'bad topic!', 'k', 'v');
@@ -90,6 +97,6 @@ SELECT publication, state FROM kafka.publication_status;
 SELECT kafka.start_publication('items_out');
 SELECT kafka.drop_publication('items_out');
 SELECT count(*) AS publications FROM kafka.publications;
-SELECT count(*) AS slots FROM pg_replication_slots;
+SELECT count(*) AS slots FROM pg_replication_slots WHERE database = current_database();
 DROP ROLE pub_stranger;
 DROP EXTENSION pg_kafka_bridge CASCADE;

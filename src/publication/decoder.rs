@@ -402,10 +402,6 @@ impl Decoder {
             Ok(())
         })
     }
-
-    pub fn slot_name(&self) -> &str {
-        &self.slot_name
-    }
 }
 
 impl Drop for Decoder {

@@ -40,11 +40,18 @@ impl Op {
     }
 }
 
-/// Names and topic of a published table, cached until the relation cache is invalidated.
+/// What every event of a published table needs of its relation, worked out once and cached
+/// until the relation cache is invalidated (a changed table is looked at again).
 pub struct TableInfo {
     pub schema: String,
     pub table: String,
     pub topic: String,
+    /// Per attribute, by its index in the tuple descriptor: its name as a JSON string.
+    column_names: Vec<Vec<u8>>,
+    /// Per attribute: whether it is a key column (replica identity, else primary key).
+    key: Vec<bool>,
+    /// REPLICA IDENTITY FULL: old rows carry every column.
+    full_identity: bool,
 }
 
 impl TableInfo {
@@ -54,7 +61,39 @@ impl TableInfo {
         let schema = cstr_lossy(pg_sys::get_namespace_name((*(*relation).rd_rel).relnamespace));
         let table = cstr_lossy((*(*relation).rd_rel).relname.data.as_ptr());
         let topic = render_topic(template, &schema, &table);
-        TableInfo { schema, table, topic }
+        let identity = match pg_sys::RelationGetIdentityKeyBitmap(relation) {
+            set if set.is_null() => {
+                pg_sys::RelationGetIndexAttrBitmap(relation, pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_PRIMARY_KEY)
+            }
+            set => set,
+        };
+        let tupdesc = (*relation).rd_att;
+        let attrs = (*tupdesc).attrs.as_slice((*tupdesc).natts as usize);
+        let column_names = attrs
+            .iter()
+            .map(|a| {
+                let mut name = Vec::new();
+                push_json_string(&mut name, &cstr_lossy(a.attname.data.as_ptr()));
+                name
+            })
+            .collect();
+        let key = attrs
+            .iter()
+            .map(|a| {
+                let member = a.attnum as i32 - pg_sys::FirstLowInvalidHeapAttributeNumber;
+                !identity.is_null() && pg_sys::bms_is_member(member, identity)
+            })
+            .collect();
+        let full_identity = (*(*relation).rd_rel).relreplident as u8 == pg_sys::REPLICA_IDENTITY_FULL;
+        TableInfo { schema, table, topic, column_names, key, full_identity }
+    }
+
+    fn has_key(&self) -> bool {
+        self.key.contains(&true)
+    }
+
+    fn is_key(&self, attribute: usize) -> bool {
+        self.key.get(attribute).copied().unwrap_or(false)
     }
 }
 
@@ -108,11 +147,10 @@ impl TypeCache {
 }
 
 /// Which columns of a tuple to write.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Columns {
     All,
-    /// Only the members of this set of attribute numbers (offset as in relcache bitmaps).
-    Key(*mut pg_sys::Bitmapset),
+    Key,
 }
 
 /// Builds keys and values into buffers that are reused from one event to the next.
@@ -123,7 +161,8 @@ pub struct EventWriter {
     types: TypeCache,
     values: Vec<pg_sys::Datum>,
     nulls: Vec<bool>,
-    unchanged: Vec<String>,
+    /// Attributes (by index) of the current row left out as unchanged TOAST values.
+    unchanged: Vec<usize>,
 }
 
 impl EventWriter {
@@ -143,13 +182,6 @@ impl EventWriter {
         old: Option<*mut pg_sys::HeapTupleData>,
         new: Option<*mut pg_sys::HeapTupleData>,
     ) {
-        let identity = pg_sys::RelationGetIdentityKeyBitmap(relation);
-        let identity = if identity.is_null() {
-            pg_sys::RelationGetIndexAttrBitmap(relation, pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_PRIMARY_KEY)
-        } else {
-            identity
-        };
-        let full_old = (*(*relation).rd_rel).relreplident as u8 == pg_sys::REPLICA_IDENTITY_FULL;
         let tupdesc = (*relation).rd_att;
 
         // The key comes from the new row, or the old one for deletes (where only the
@@ -157,7 +189,7 @@ impl EventWriter {
         let mut buffer = std::mem::take(&mut self.key);
         buffer.clear();
         match new.or(old) {
-            Some(tuple) if !identity.is_null() => self.write_row(&mut buffer, tupdesc, tuple, Columns::Key(identity)),
+            Some(tuple) if info.has_key() => self.write_row(&mut buffer, tupdesc, tuple, info, Columns::Key),
             _ => buffer.extend_from_slice(b"null"),
         }
         self.key = buffer;
@@ -169,24 +201,24 @@ impl EventWriter {
         out.extend_from_slice(b"\",\"before\":");
         match old {
             Some(tuple) => {
-                let columns = if full_old || identity.is_null() { Columns::All } else { Columns::Key(identity) };
-                self.write_row(&mut out, tupdesc, tuple, columns);
+                let columns = if info.full_identity || !info.has_key() { Columns::All } else { Columns::Key };
+                self.write_row(&mut out, tupdesc, tuple, info, columns);
             }
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"after\":");
         self.unchanged.clear();
         match new {
-            Some(tuple) => self.write_row(&mut out, tupdesc, tuple, Columns::All),
+            Some(tuple) => self.write_row(&mut out, tupdesc, tuple, info, Columns::All),
             None => out.extend_from_slice(b"null"),
         }
         if !self.unchanged.is_empty() {
             out.extend_from_slice(b",\"unchanged_toast\":[");
-            for (i, name) in self.unchanged.iter().enumerate() {
-                if i > 0 {
+            for (n, &attribute) in self.unchanged.iter().enumerate() {
+                if n > 0 {
                     out.push(b',');
                 }
-                push_json_string(&mut out, name);
+                push_column_name(&mut out, tupdesc, info, attribute);
             }
             out.push(b']');
         }
@@ -204,6 +236,7 @@ impl EventWriter {
         out: &mut Vec<u8>,
         tupdesc: pg_sys::TupleDesc,
         tuple: *mut pg_sys::HeapTupleData,
+        info: &TableInfo,
         columns: Columns,
     ) {
         let natts = (*tupdesc).natts as usize;
@@ -216,23 +249,19 @@ impl EventWriter {
             if attr.attisdropped || attr.attnum <= 0 {
                 continue;
             }
-            if let Columns::Key(set) = columns {
-                let member = attr.attnum as i32 - pg_sys::FirstLowInvalidHeapAttributeNumber;
-                if !pg_sys::bms_is_member(member, set) {
-                    continue;
-                }
+            if columns == Columns::Key && !info.is_key(i) {
+                continue;
             }
-            let name = cstr_lossy(attr.attname.data.as_ptr());
             let (datum, null) = (self.values[i], self.nulls[i]);
             if !null && attr.attlen == -1 && is_external_ondisk(datum) {
-                self.unchanged.push(name);
+                self.unchanged.push(i);
                 continue;
             }
             if !first {
                 out.push(b',');
             }
             first = false;
-            push_json_string(out, &name);
+            push_column_name(out, tupdesc, info, i);
             out.push(b':');
             if null {
                 out.extend_from_slice(b"null");
@@ -260,6 +289,17 @@ impl EventWriter {
             }
         }
         out.push(b'}');
+    }
+}
+
+/// The name of attribute `attribute` as a JSON string, from the cache when it has it.
+unsafe fn push_column_name(out: &mut Vec<u8>, tupdesc: pg_sys::TupleDesc, info: &TableInfo, attribute: usize) {
+    match info.column_names.get(attribute) {
+        Some(name) => out.extend_from_slice(name),
+        None => {
+            let attr = &(*tupdesc).attrs.as_slice(attribute + 1)[attribute];
+            push_json_string(out, &cstr_lossy(attr.attname.data.as_ptr()));
+        }
     }
 }
 

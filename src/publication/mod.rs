@@ -17,15 +17,12 @@ use pgrx::prelude::*;
 use publisher::{Publisher, SharedPublisher, MAX_KAFKA_TRANSACTION_AGE};
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Longest stretch of decoding between two looks at signals and the Kafka transaction.
 const READ_BUDGET: Duration = Duration::from_millis(100);
 /// Pause when all flushed WAL is decoded.
 const IDLE_WAIT: Duration = Duration::from_millis(20);
-/// How often an idle worker logs a running-transactions record, which lets the slot's
-/// restart point (and so the WAL it retains) move on even when nothing else is written.
-const HEARTBEAT: Duration = Duration::from_secs(10);
 
 #[pg_guard]
 #[no_mangle]
@@ -78,8 +75,6 @@ impl PublicationWorker {
         let state = PluginState::new(Some(Selection::of(&publication)), Box::new(SharedPublisher(publisher.clone())));
         let mut decoder = Decoder::open(&publication.slot_name, state)?;
         shmem::update(self.id, |slot| slot.state = WorkerState::Running);
-        let mut last_heartbeat = Instant::now();
-        let mut heartbeat_lsn = 0;
         loop {
             worker::check_signals();
             let caught_up = decoder.read(READ_BUDGET)?;
@@ -93,7 +88,10 @@ impl PublicationWorker {
                 decoder.confirm(lsn)?;
             }
             if caught_up && !p.has_open_transaction() {
-                // Nothing is waiting for Kafka: all decoded WAL is dealt with.
+                // Nothing is waiting for Kafka: all decoded WAL is dealt with, whatever wrote
+                // it. This keeps the slot moving while the published tables are idle (its
+                // restart point follows at the next running-transactions record, which the
+                // background writer logs every 15 s while the server writes anything).
                 decoder.confirm(decoder.decoded_up_to())?;
             }
             // What the broker reports while nothing is to be published shows as the last
@@ -105,11 +103,6 @@ impl PublicationWorker {
             drop(p);
             backoff.reset();
             if caught_up {
-                if last_heartbeat.elapsed() >= HEARTBEAT && decoder.decoded_up_to() != heartbeat_lsn {
-                    unsafe { pg_sys::LogStandbySnapshot() };
-                    heartbeat_lsn = decoder.decoded_up_to();
-                    last_heartbeat = Instant::now();
-                }
                 worker::sleep(IDLE_WAIT);
             }
         }

@@ -61,7 +61,6 @@ pub struct Publisher {
     /// (or that had none), not yet confirmed to the slot.
     confirmable: Option<u64>,
     pub events_total: u64,
-    pub skipped_total: u64,
     pub last_commit_time: i64,
 }
 
@@ -103,7 +102,6 @@ impl Publisher {
             open: None,
             confirmable: None,
             events_total: 0,
-            skipped_total: 0,
             last_commit_time: 0,
         })
     }
@@ -189,7 +187,6 @@ impl Sink for Publisher {
     fn event(&mut self, txn: &TxnInfo, seq: i64, topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) -> Result<()> {
         let position = Position { commit_lsn: txn.commit_lsn, seq };
         if self.committed.is_some_and(|c| position <= c) {
-            self.skipped_total += 1;
             return Ok(());
         }
         self.begin_if_needed(position)?;

@@ -350,9 +350,23 @@ pub fn group_offsets(group: &str, topic: &str, partitions: i32) -> Vec<i64> {
         .collect()
 }
 
-/// Whether the long variants of the crash tests run (`PGKB_SOAK=1`).
-pub fn soak() -> bool {
-    std::env::var("PGKB_SOAK").is_ok_and(|v| v == "1")
+/// How much a crash test does: messages or changes to write, and crashes.
+pub struct CrashPlan {
+    pub volume: i64,
+    pub kills: usize,
+    pub server_stops: usize,
+}
+
+impl CrashPlan {
+    /// The bounded plan for CI, or with `PGKB_SOAK=1` the long one: 1,000,000, 50 kills of a
+    /// worker, 5 immediate stops of the server.
+    pub fn new(bounded_volume: i64) -> CrashPlan {
+        if std::env::var("PGKB_SOAK").is_ok_and(|v| v == "1") {
+            CrashPlan { volume: 1_000_000, kills: 50, server_stops: 5 }
+        } else {
+            CrashPlan { volume: bounded_volume, kills: 10, server_stops: 2 }
+        }
+    }
 }
 
 /// A small deterministic generator, seeded from the clock and printed so that a failing run
@@ -399,6 +413,14 @@ pub fn publication_worker_pids(client: &mut Client, name: &str) -> Vec<i32> {
         )
         .map(|rows| rows.iter().map(|r| r.get(0)).collect())
         .unwrap_or_default()
+}
+
+/// Stops a publication and waits until its worker is gone.
+pub fn stop_publication(client: &mut Client, name: &str) {
+    client.batch_execute(&format!("SELECT kafka.stop_publication('{name}')")).unwrap();
+    wait_for("the publication's worker to stop", Duration::from_secs(60), || {
+        publication_worker_pids(client, name).is_empty()
+    });
 }
 
 /// Drops a publication; its worker and its slot must be gone when that returns.

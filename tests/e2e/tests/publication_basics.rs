@@ -112,8 +112,7 @@ fn changes_made_while_stopped_are_published_after_start() {
     pg.batch_execute(&format!("INSERT INTO {table} VALUES (1)")).unwrap();
     wait_for("the first event", TIMEOUT, || consume_events(&topic, 1, Duration::from_secs(5)).len() == 1);
 
-    pg.batch_execute(&format!("SELECT kafka.stop_publication('{name}')")).unwrap();
-    wait_for("the worker to stop", TIMEOUT, || publication_worker_pids(&mut pg, &name).is_empty());
+    stop_publication(&mut pg, &name);
     pg.batch_execute(&format!("INSERT INTO {table} SELECT generate_series(2, 1000)")).unwrap();
     let state: String =
         pg.query_one("SELECT state FROM kafka.publication_status WHERE publication = $1", &[&name]).unwrap().get(0);
@@ -139,8 +138,7 @@ fn an_unreachable_broker_and_a_missing_slot_show_in_the_status() {
         publication_error(&mut pg, &name).is_some_and(|e| e.contains("Kafka"))
     });
 
-    pg.batch_execute(&format!("SELECT kafka.stop_publication('{name}')")).unwrap();
-    wait_for("the worker to stop", TIMEOUT, || publication_worker_pids(&mut pg, &name).is_empty());
+    stop_publication(&mut pg, &name);
     pg.batch_execute(&format!("SELECT pg_drop_replication_slot('pg_kafka_bridge_{name}')")).unwrap();
     pg.batch_execute(&format!("SELECT kafka.start_publication('{name}')")).unwrap();
     wait_for("the missing slot in the status", TIMEOUT, || {
@@ -187,8 +185,7 @@ fn an_invalidated_slot_shows_in_the_status() {
     let (table, busy, name) = (unique("t"), unique("busy"), unique("pub"));
     pg.batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY); CREATE TABLE {busy} (pad text)")).unwrap();
     create_publication(&mut pg, &name, &[&table], "");
-    pg.batch_execute(&format!("SELECT kafka.stop_publication('{name}')")).unwrap();
-    wait_for("the worker to stop", TIMEOUT, || publication_worker_pids(&mut pg, &name).is_empty());
+    stop_publication(&mut pg, &name);
     // A stopped slot may keep at most 1 MB of WAL: write more, and let a checkpoint invalidate it.
     pg.batch_execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'").unwrap();
     pg.batch_execute("SELECT pg_reload_conf()").unwrap();

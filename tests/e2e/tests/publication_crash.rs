@@ -16,20 +16,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-struct Plan {
-    changes: i64,
-    kills: usize,
-    server_stops: usize,
-}
-
-fn plan() -> Plan {
-    if soak() {
-        Plan { changes: 1_000_000, kills: 50, server_stops: 5 }
-    } else {
-        Plan { changes: 150_000, kills: 10, server_stops: 2 }
-    }
-}
-
 /// Rows of the one large transaction of the workload.
 const BIG_TRANSACTION: i64 = 100_000;
 
@@ -44,7 +30,7 @@ fn event_change(event: &Event) -> Change {
 
 #[test]
 fn kill_minus_nine_and_immediate_stops_publish_every_change_exactly_once() {
-    let plan = plan();
+    let plan = CrashPlan::new(150_000);
     let mut rng = Rng::new();
     let mut pg = pg();
     let (table, log, name, prefix) = (unique("src"), unique("log"), unique("pub"), unique("crash"));
@@ -54,7 +40,7 @@ fn kill_minus_nine_and_immediate_stops_publish_every_change_exactly_once() {
 
     let control = Arc::new(workload::Control::default());
     let driver = {
-        let (table, log, control, target) = (table.clone(), log.clone(), control.clone(), plan.changes);
+        let (table, log, control, target) = (table.clone(), log.clone(), control.clone(), plan.volume);
         std::thread::spawn(move || workload::run(&table, &log, target, BIG_TRANSACTION, &control))
     };
 

@@ -11,20 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-struct Plan {
-    messages: i64,
-    kills: usize,
-    server_stops: usize,
-}
-
-fn plan() -> Plan {
-    if soak() {
-        Plan { messages: 1_000_000, kills: 50, server_stops: 5 }
-    } else {
-        Plan { messages: 120_000, kills: 10, server_stops: 2 }
-    }
-}
-
 /// PIDs of the subscription's workers. The connection may have been cut by a crash restart
 /// that began after it was opened: then it is opened again.
 fn running_workers(pg: &mut postgres::Client, sub: &str) -> Vec<i32> {
@@ -41,7 +27,7 @@ fn running_workers(pg: &mut postgres::Client, sub: &str) -> Vec<i32> {
 
 #[test]
 fn kill_minus_nine_and_immediate_stops_lose_and_duplicate_nothing() {
-    let plan = plan();
+    let plan = CrashPlan::new(120_000);
     let mut rng = Rng::new();
     let mut pg = pg();
     let (topic, table, sub) = (unique("crash"), unique("crash"), unique("sub"));
@@ -50,13 +36,13 @@ fn kill_minus_nine_and_immediate_stops_lose_and_duplicate_nothing() {
     pg.batch_execute(&format!("CREATE TABLE {table} (id bigint, _kafka_partition int, _kafka_offset bigint)")).unwrap();
     create_subscription(&mut pg, &sub, &topic, &table, ", workers => 2, batch_size => 2000");
 
-    // The stream runs until the crashes are over and at least `plan.messages` are written,
+    // The stream runs until the crashes are over and at least `plan.volume` are written,
     // so that every kill and every stop hits it; the thread returns how many it wrote.
     let producing = Arc::new(AtomicBool::new(true));
     let crashes_done = Arc::new(AtomicBool::new(false));
     let producer_thread = {
         let (topic, producing, crashes_done, total) =
-            (topic.clone(), producing.clone(), crashes_done.clone(), plan.messages);
+            (topic.clone(), producing.clone(), crashes_done.clone(), plan.volume);
         std::thread::spawn(move || {
             let p = producer();
             let chunk = (total / 400).max(1);

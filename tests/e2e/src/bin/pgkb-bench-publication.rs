@@ -82,8 +82,7 @@ fn against_pg_recvlogical(changes: i64) {
     ))
     .unwrap();
     create_publication(&mut pg, &name, &[&table], ", topic => 'bench.{table}'");
-    pg.batch_execute(&format!("SELECT kafka.stop_publication('{name}')")).unwrap();
-    wait_for("the worker to stop", Duration::from_secs(30), || publication_worker_pids(&mut pg, &name).is_empty());
+    stop_publication(&mut pg, &name);
     pg.batch_execute(&format!("SELECT pg_create_logical_replication_slot('{recv_slot}', 'test_decoding')")).unwrap();
 
     println!("writing {changes} row changes ({BIG_TRANSACTION} in one transaction, the rest {TRANSACTION} per transaction)...");
