@@ -11,6 +11,7 @@ static RETRY_BACKOFF_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 static METADATA_REFRESH_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 static CONSUMER_QUEUE_KBYTES: GucSetting<i32> = GucSetting::<i32>::new(16_384);
 static PUBLISH_CONSUMER_OFFSETS: GucSetting<bool> = GucSetting::<bool>::new(false);
+static SUBSCRIPTION_SYNCHRONOUS_COMMIT: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 pub fn define() {
     GucRegistry::define_string_guc(
@@ -59,6 +60,15 @@ pub fn define() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    GucRegistry::define_bool_guc(
+        c"pg_kafka_bridge.subscription_synchronous_commit",
+        c"Whether subscription workers wait for each batch's commit to reach disk (synchronous_commit).",
+        c"Off by default, as for PostgreSQL's own subscriptions: a crash can only undo the last batches \
+          together with their offsets, and the worker reads them from Kafka again.",
+        &SUBSCRIPTION_SYNCHRONOUS_COMMIT,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"pg_kafka_bridge.consumer_queue_size",
         c"Most pre-fetched message data a subscription worker buffers (librdkafka queued.max.messages.kbytes).",
@@ -73,6 +83,10 @@ pub fn define() {
 
 pub fn publish_consumer_offsets() -> bool {
     PUBLISH_CONSUMER_OFFSETS.get()
+}
+
+pub fn subscription_synchronous_commit() -> bool {
+    SUBSCRIPTION_SYNCHRONOUS_COMMIT.get()
 }
 
 pub fn database() -> String {

@@ -7,16 +7,44 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 
-/// Fills `out[slot]` with the raw value of every key of `payload` that `by_name` maps to a
+/// The object keys a message is read for, each with the slot its value goes to.
+#[derive(Clone, Debug, Default)]
+pub struct FieldNames {
+    names: Vec<(String, usize)>,
+    /// For wide tables only: below this many names, comparing a key with each name beats
+    /// hashing it.
+    index: Option<HashMap<String, usize>>,
+}
+
+const FIELD_NAMES_HASHED_FROM: usize = 16;
+
+impl FromIterator<(String, usize)> for FieldNames {
+    fn from_iter<I: IntoIterator<Item = (String, usize)>>(pairs: I) -> FieldNames {
+        let names: Vec<(String, usize)> = pairs.into_iter().collect();
+        let index = (names.len() >= FIELD_NAMES_HASHED_FROM).then(|| names.iter().cloned().collect());
+        FieldNames { names, index }
+    }
+}
+
+impl FieldNames {
+    fn slot(&self, key: &str) -> Option<usize> {
+        match &self.index {
+            Some(index) => index.get(key).copied(),
+            None => self.names.iter().find(|(name, _)| name == key).map(|(_, slot)| *slot),
+        }
+    }
+}
+
+/// Fills `out[slot]` with the raw value of every key of `payload` that `fields` maps to a
 /// slot. Unknown keys are ignored; of duplicate keys the last wins, as in
 /// `json_populate_record`.
 pub fn object_fields<'a>(
     payload: &'a [u8],
-    by_name: &HashMap<String, usize>,
+    fields: &FieldNames,
     out: &mut [Option<&'a RawValue>],
 ) -> Result<(), String> {
     let mut de = serde_json::Deserializer::from_slice(payload);
-    ObjectFields { by_name, out }.deserialize(&mut de).map_err(|e| e.to_string())?;
+    ObjectFields { fields, out }.deserialize(&mut de).map_err(|e| e.to_string())?;
     de.end().map_err(|e| e.to_string())
 }
 
@@ -37,7 +65,7 @@ pub fn scalar_text(raw: &str) -> Result<Option<Cow<'_, str>>, String> {
 }
 
 struct ObjectFields<'m, 'a> {
-    by_name: &'m HashMap<String, usize>,
+    fields: &'m FieldNames,
     out: &'m mut [Option<&'a RawValue>],
 }
 
@@ -57,7 +85,7 @@ impl<'de, 'm> Visitor<'de> for ObjectFields<'m, 'de> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(slot) = map.next_key_seed(KeyLookup(self.by_name))? {
+        while let Some(slot) = map.next_key_seed(KeyLookup(self.fields))? {
             match slot {
                 Some(slot) => self.out[slot] = Some(map.next_value::<&'de RawValue>()?),
                 None => {
@@ -69,7 +97,7 @@ impl<'de, 'm> Visitor<'de> for ObjectFields<'m, 'de> {
     }
 }
 
-struct KeyLookup<'m>(&'m HashMap<String, usize>);
+struct KeyLookup<'m>(&'m FieldNames);
 
 impl<'de> DeserializeSeed<'de> for KeyLookup<'_> {
     type Value = Option<usize>;
@@ -87,7 +115,7 @@ impl<'de> Visitor<'de> for KeyLookup<'_> {
     }
 
     fn visit_str<E>(self, key: &str) -> Result<Option<usize>, E> {
-        Ok(self.0.get(key).copied())
+        Ok(self.0.slot(key))
     }
 }
 
@@ -97,19 +125,30 @@ mod tests {
 
     #[test]
     fn picks_known_keys_last_duplicate_wins() {
-        let by_name: HashMap<String, usize> = [("a".into(), 0), ("b".into(), 1)].into();
+        let fields: FieldNames = [("a".into(), 0), ("b".into(), 1)].into_iter().collect();
         let mut out = [None, None];
-        object_fields(br#"{"a": 1, "x": {"deep": [1]}, "b": "t\"x", "a": 2}"#, &by_name, &mut out).unwrap();
+        object_fields(br#"{"a": 1, "x": {"deep": [1]}, "b": "t\"x", "a": 2}"#, &fields, &mut out).unwrap();
         assert_eq!(out[0].unwrap().get(), "2");
         assert_eq!(out[1].unwrap().get(), r#""t\"x""#);
     }
 
     #[test]
+    fn wide_tables_find_keys_through_the_index() {
+        let fields: FieldNames = (0..40).map(|i| (format!("c{i}"), i)).collect();
+        assert!(fields.index.is_some());
+        let mut out = vec![None; 40];
+        object_fields(br#"{"c39": 1, "c0": 2, "other": 3}"#, &fields, &mut out).unwrap();
+        assert_eq!(out[39].unwrap().get(), "1");
+        assert_eq!(out[0].unwrap().get(), "2");
+        assert_eq!(out.iter().flatten().count(), 2);
+    }
+
+    #[test]
     fn rejects_non_objects_and_garbage() {
-        let by_name = HashMap::new();
-        assert!(object_fields(b"[1]", &by_name, &mut []).unwrap_err().contains("JSON object"));
-        assert!(object_fields(b"{\"a\":", &by_name, &mut []).is_err());
-        assert!(object_fields(b"{} x", &by_name, &mut []).is_err());
+        let fields = FieldNames::default();
+        assert!(object_fields(b"[1]", &fields, &mut []).unwrap_err().contains("JSON object"));
+        assert!(object_fields(b"{\"a\":", &fields, &mut []).is_err());
+        assert!(object_fields(b"{} x", &fields, &mut []).is_err());
     }
 
     #[test]

@@ -5,8 +5,8 @@ pub mod copy_text;
 mod json;
 
 use copy_text::{push_bytea_hex, push_escaped, NULL_FIELD};
+use json::FieldNames;
 use serde_json::value::RawValue;
-use std::collections::HashMap;
 use std::ops::Range;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -127,7 +127,7 @@ struct ShapeColumn {
 #[derive(Clone, Debug)]
 enum PayloadRule {
     /// JSON object keys map to columns by name.
-    Object { by_name: HashMap<String, usize> },
+    Object { fields: FieldNames },
     /// The whole payload goes to one column.
     Whole { slot: usize },
 }
@@ -180,7 +180,7 @@ impl TargetShape {
                 PayloadRule::Whole { slot: 0 }
             }
             Format::Json | Format::Change => PayloadRule::Object {
-                by_name: data_columns.iter().map(|c| (c.info.name.clone(), c.data_slot.unwrap())).collect(),
+                fields: data_columns.iter().map(|c| (c.info.name.clone(), c.data_slot.unwrap())).collect(),
             },
             Format::Text | Format::Bytea => {
                 let column = match data_columns.iter().find(|c| c.info.name == "payload") {
@@ -366,9 +366,9 @@ impl EncodedBatch {
                         self.key_values(shape, msg, &mut values)?;
                         true
                     }
-                    ("c" | "u" | "r", Some(after), PayloadRule::Object { by_name }) => {
+                    ("c" | "u" | "r", Some(after), PayloadRule::Object { fields }) => {
                         let mut raw: Vec<Option<&RawValue>> = vec![None; shape.data_count];
-                        json::object_fields(after.get().as_bytes(), by_name, &mut raw)
+                        json::object_fields(after.get().as_bytes(), fields, &mut raw)
                             .map_err(|e| format!("invalid change event: \"after\": {e}"))?;
                         for (v, r) in values.iter_mut().zip(raw) {
                             *v = r.map(FieldValue::Json);
@@ -381,9 +381,9 @@ impl EncodedBatch {
             }
             Some(payload) => {
                 match (&shape.payload, shape.format) {
-                    (PayloadRule::Object { by_name }, _) => {
+                    (PayloadRule::Object { fields }, _) => {
                         let mut raw: Vec<Option<&RawValue>> = vec![None; shape.data_count];
-                        json::object_fields(payload, by_name, &mut raw)
+                        json::object_fields(payload, fields, &mut raw)
                             .map_err(|e| format!("invalid JSON message: {e}"))?;
                         for (v, r) in values.iter_mut().zip(raw) {
                             *v = r.map(FieldValue::Json);
@@ -466,9 +466,9 @@ impl EncodedBatch {
             return Err("message has neither a value nor a key: nothing identifies the row to delete".into());
         };
         if key.first() == Some(&b'{') {
-            let by_name: HashMap<String, usize> = data_keys.iter().map(|(s, c)| (c.info.name.clone(), *s)).collect();
+            let fields: FieldNames = data_keys.iter().map(|(s, c)| (c.info.name.clone(), *s)).collect();
             let mut raw: Vec<Option<&RawValue>> = vec![None; shape.data_count];
-            json::object_fields(key, &by_name, &mut raw).map_err(|e| format!("invalid JSON message key: {e}"))?;
+            json::object_fields(key, &fields, &mut raw).map_err(|e| format!("invalid JSON message key: {e}"))?;
             for (slot, column) in data_keys {
                 let v = raw[slot].ok_or_else(|| format!("message key has no field \"{}\"", column.info.name))?;
                 values[slot] = Some(FieldValue::Json(v));

@@ -9,6 +9,7 @@ use crate::catalog::{self, DeadLetter, Subscription};
 use crate::error::{BridgeError, Result};
 use crate::format::{EncodedBatch, Message, Mode, STAGING_ORDINAL, STAGING_TOMBSTONE};
 use crate::security::run_as;
+use crate::settings;
 use crate::worker;
 use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
@@ -50,6 +51,9 @@ impl<'a> Applier<'a> {
 
     pub fn apply(&self, messages: &[Message], batch: &EncodedBatch, advances: &[Advance]) -> Result<BatchOutcome> {
         worker::transaction(|| {
+            if !settings::subscription_synchronous_commit() {
+                commit_asynchronously();
+            }
             self.target.check_unchanged()?;
             Spi::connect_mut(|client| {
                 // Deferred constraints are checked per statement, where a failing row can be
@@ -127,6 +131,24 @@ impl<'a> Applier<'a> {
             }
         }
         Ok(())
+    }
+}
+
+/// Lets this transaction's commit return before its WAL is flushed (`SET LOCAL
+/// synchronous_commit = off`). Exactly once still holds: a crash can only lose the latest
+/// commits as a whole, rows and offsets together, and the worker reads those messages again.
+fn commit_asynchronously() {
+    unsafe {
+        pg_sys::set_config_option(
+            c"synchronous_commit".as_ptr(),
+            c"off".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+            true,
+            0,
+            false,
+        );
     }
 }
 

@@ -15,6 +15,8 @@ use std::time::Duration;
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest fetch response asked of the broker (librdkafka's default is 50 MB).
 const FETCH_MAX_BYTES: usize = 8 << 20;
+/// Wait before fetching again after the pre-fetch buffer was full.
+const FETCH_QUEUE_BACKOFF_MS: u32 = 10;
 
 pub struct Source {
     pub consumer: BaseConsumer<BridgeContext>,
@@ -38,12 +40,17 @@ impl Source {
             .set("auto.offset.reset", "error")
             .set("enable.partition.eof", "false");
         // Memory stays bounded whatever the backlog: what librdkafka pre-fetches, and how big
-        // one fetch response may be, unless the subscription's options say otherwise.
-        if !options.contains("queued.max.messages.kbytes") {
-            config.set("queued.max.messages.kbytes", settings::consumer_queue_kbytes().to_string());
-        }
-        if !options.contains("fetch.max.bytes") {
-            config.set("fetch.max.bytes", FETCH_MAX_BYTES.to_string());
+        // one fetch response may be. Once that buffer was full, librdkafka waits
+        // fetch.queue.backoff.ms before fetching again (a whole second by default), which
+        // would stall a worker that drains its buffer in milliseconds. A subscription's
+        // options override each of these.
+        let defaults = [
+            ("queued.max.messages.kbytes", settings::consumer_queue_kbytes().to_string()),
+            ("fetch.max.bytes", FETCH_MAX_BYTES.to_string()),
+            ("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS.to_string()),
+        ];
+        for (name, value) in defaults.iter().filter(|(name, _)| !options.contains(name)) {
+            config.set(*name, value);
         }
         options.apply(&mut config);
         let errors = ErrorMailbox::default();

@@ -10,7 +10,7 @@ pub mod target;
 
 use crate::catalog::{self, Subscription};
 use crate::error::{BridgeError, Result};
-use crate::format::{Format, Message as RowMessage, Mode};
+use crate::format::{Format, Mode};
 use crate::settings;
 use crate::shmem::{self, PartitionProgress, SlotId, WorkerState};
 use crate::worker::{self, Backoff, RateMeter};
@@ -87,7 +87,14 @@ impl SubscriptionWorker {
         let mut positions = self.positions(&subscription, &source, &partitions, all_partitions.len() as i32)?;
         source.assign(&positions)?;
         let applier = worker::transaction(|| Applier::new(&subscription, &target))?;
-        shmem::update(self.id, |slot| slot.state = WorkerState::Running);
+        // After a failed session the state stays "error" until this one shows progress (rows
+        // applied, or the broker answering a metadata refresh): a stored position the broker
+        // no longer has, say, fails each new session at its first fetch.
+        shmem::update(self.id, |slot| {
+            if slot.state == WorkerState::Starting {
+                slot.state = WorkerState::Running;
+            }
+        });
         let session =
             Session { subscription: &subscription, target: &target, source: source.clone(), applier: &applier };
         self.consume(&session, &partitions, &mut positions, backoff)
@@ -125,8 +132,8 @@ impl SubscriptionWorker {
             let Some(batch) = prefetcher.next(Duration::from_millis(100)) else {
                 continue;
             };
-            let batch = batch?;
-            let broker_error = batch.broker_error.or_else(|| session.source.errors.take());
+            let mut batch = batch?;
+            let broker_error = batch.broker_error.take().or_else(|| session.source.errors.take());
             let mut advances: BTreeMap<i32, Advance> = BTreeMap::new();
             for m in &batch.messages {
                 // The consumer starts at the stored positions and never seeks within a
@@ -146,7 +153,7 @@ impl SubscriptionWorker {
                 continue;
             }
             let advances: Vec<Advance> = advances.into_values().collect();
-            let views: Vec<RowMessage> = batch.messages.iter().map(|m| m.view(&subscription.topic)).collect();
+            let views = batch.views(&subscription.topic);
             let outcome = session.applier.apply(&views, &batch.encoded, &advances)?;
             for a in &advances {
                 positions.insert(a.partition, a.to);

@@ -1,12 +1,14 @@
 //! Reading ahead: a thread of the worker polls the next batch from Kafka and turns it into
 //! COPY text while the main thread writes the previous one into PostgreSQL. The thread only
 //! touches librdkafka and pure Rust code, never PostgreSQL; at most one finished batch
-//! waits for the main thread, so memory stays bounded by about three batches.
+//! waits for the main thread, so memory stays bounded by about three batches (of at most
+//! `batch_size` messages and 4 MB each).
 
 use super::consumer::{self, Source};
 use crate::error::{BridgeError, Result};
 use crate::format::{EncodedBatch, Message as RowMessage, TargetShape};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -15,52 +17,74 @@ use std::time::{Duration, Instant};
 
 /// Longest a single poll blocks, so that a stop request is seen promptly.
 const POLL_SLICE: Duration = Duration::from_millis(100);
+/// A batch also ends once its messages hold this many bytes, so that large messages do not
+/// make the batches in flight (one applied, one waiting, one being read) outgrow a worker's
+/// memory bound.
+const MAX_BATCH_BYTES: usize = 4 << 20;
+/// While messages keep coming, how many are taken between two looks at the clock.
+const CLOCK_CHECK_INTERVAL: usize = 256;
 
-/// A message copied out of librdkafka's buffers.
-pub struct OwnedMessage {
+/// A message of a batch: its position, and where its key and value are in the batch's data.
+pub struct BatchMessage {
     pub partition: i32,
     pub offset: i64,
-    key: Option<Vec<u8>>,
-    payload: Option<Vec<u8>>,
+    key: Option<Range<usize>>,
+    payload: Option<Range<usize>>,
     timestamp_ms: Option<i64>,
     headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
-impl OwnedMessage {
-    fn copy(m: &BorrowedMessage, wants_headers: bool) -> OwnedMessage {
+/// A batch ready to be applied: the messages in the order Kafka gave them, and their rows.
+pub struct Batch {
+    pub messages: Vec<BatchMessage>,
+    /// The keys and values of all messages, copied out of librdkafka's buffers into one
+    /// allocation rather than two per message.
+    data: Vec<u8>,
+    pub encoded: EncodedBatch,
+    /// A passing broker problem met while polling (librdkafka retries by itself).
+    pub broker_error: Option<String>,
+}
+
+impl Batch {
+    fn add(&mut self, m: &BorrowedMessage, wants_headers: bool) {
         let headers = match (wants_headers, m.headers()) {
             (true, Some(h)) => h.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect(),
             _ => Vec::new(),
         };
-        OwnedMessage {
+        let key = stash(&mut self.data, m.key());
+        let payload = stash(&mut self.data, m.payload());
+        self.messages.push(BatchMessage {
             partition: m.partition(),
             offset: m.offset(),
-            key: m.key().map(<[u8]>::to_vec),
-            payload: m.payload().map(<[u8]>::to_vec),
+            key,
+            payload,
             timestamp_ms: m.timestamp().to_millis(),
             headers,
+        });
+    }
+
+    pub fn view<'a>(&'a self, m: &'a BatchMessage, topic: &'a str) -> RowMessage<'a> {
+        RowMessage {
+            topic,
+            partition: m.partition,
+            offset: m.offset,
+            key: m.key.clone().map(|r| &self.data[r]),
+            payload: m.payload.clone().map(|r| &self.data[r]),
+            timestamp_ms: m.timestamp_ms,
+            headers: m.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect(),
         }
     }
 
-    pub fn view<'a>(&'a self, topic: &'a str) -> RowMessage<'a> {
-        RowMessage {
-            topic,
-            partition: self.partition,
-            offset: self.offset,
-            key: self.key.as_deref(),
-            payload: self.payload.as_deref(),
-            timestamp_ms: self.timestamp_ms,
-            headers: self.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect(),
-        }
+    /// Every message as the row encoder sees it.
+    pub fn views<'a>(&'a self, topic: &'a str) -> Vec<RowMessage<'a>> {
+        self.messages.iter().map(|m| self.view(m, topic)).collect()
     }
 }
 
-/// A batch ready to be applied: the messages in the order Kafka gave them, and their rows.
-pub struct Batch {
-    pub messages: Vec<OwnedMessage>,
-    pub encoded: EncodedBatch,
-    /// A passing broker problem met while polling (librdkafka retries by itself).
-    pub broker_error: Option<String>,
+fn stash(data: &mut Vec<u8>, bytes: Option<&[u8]>) -> Option<Range<usize>> {
+    let bytes = bytes?;
+    data.extend_from_slice(bytes);
+    Some(data.len() - bytes.len()..data.len())
 }
 
 pub struct Prefetcher {
@@ -136,24 +160,32 @@ impl Reader {
     /// for the batch to fill.
     fn read_batch(&self) -> Result<Batch> {
         let wants_headers = self.shape.wants_headers();
-        let mut messages = Vec::new();
-        let mut broker_error = None;
+        let mut batch =
+            Batch { messages: Vec::new(), data: Vec::new(), encoded: EncodedBatch::default(), broker_error: None };
         let mut deadline: Option<Instant> = None;
         loop {
-            let wait = match deadline {
-                None => POLL_SLICE,
-                Some(d) => d.saturating_duration_since(Instant::now()).min(POLL_SLICE),
-            };
-            match self.source.consumer.poll(wait) {
+            // What librdkafka has queued already is taken without reading the clock, which
+            // costs more than taking a message.
+            let polled = self.source.consumer.poll(Duration::ZERO).or_else(|| {
+                let wait = match deadline {
+                    None => POLL_SLICE,
+                    Some(d) => d.saturating_duration_since(Instant::now()).min(POLL_SLICE),
+                };
+                self.source.consumer.poll(wait)
+            });
+            match polled {
                 Some(Ok(m)) => {
-                    messages.push(OwnedMessage::copy(&m, wants_headers));
-                    deadline.get_or_insert_with(|| Instant::now() + self.batch_timeout);
-                    if messages.len() >= self.batch_size {
+                    batch.add(&m, wants_headers);
+                    if batch.messages.len() >= self.batch_size || batch.data.len() >= MAX_BATCH_BYTES {
                         break;
+                    }
+                    deadline.get_or_insert_with(|| Instant::now() + self.batch_timeout);
+                    if !batch.messages.len().is_multiple_of(CLOCK_CHECK_INTERVAL) {
+                        continue;
                     }
                 }
                 Some(Err(e)) if consumer::is_fatal_poll_error(&e) => return Err(BridgeError::from(e)),
-                Some(Err(e)) => broker_error = Some(e.to_string()),
+                Some(Err(e)) => batch.broker_error = Some(e.to_string()),
                 None if deadline.is_none() => break,
                 None => {}
             }
@@ -162,9 +194,10 @@ impl Reader {
             }
         }
         let mut encoded = EncodedBatch::default();
-        for (i, m) in messages.iter().enumerate() {
-            encoded.push(&self.shape, i, &m.view(&self.topic));
+        for (i, m) in batch.messages.iter().enumerate() {
+            encoded.push(&self.shape, i, &batch.view(m, &self.topic));
         }
-        Ok(Batch { messages, encoded, broker_error })
+        batch.encoded = encoded;
+        Ok(batch)
     }
 }

@@ -127,8 +127,13 @@ pub struct Producer_ {
 }
 
 pub fn producer() -> Producer_ {
+    producer_at(&brokers())
+}
+
+/// A producer to the brokers at `bootstrap_servers` rather than those of `KAFKA_BROKERS`.
+pub fn producer_at(bootstrap_servers: &str) -> Producer_ {
     let inner = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", bootstrap_servers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .set("queue.buffering.max.messages", "1000000")
@@ -269,11 +274,22 @@ pub fn topic_and_table(pg: &mut Client, prefix: &str, partitions: i32, columns: 
 /// Creates a subscription `name` from `topic` into `table`; `extra` adds named arguments
 /// (", format => 'text'").
 pub fn create_subscription(client: &mut Client, name: &str, topic: &str, table: &str, extra: &str) {
+    create_subscription_at(client, &brokers(), name, topic, table, extra)
+}
+
+/// [`create_subscription`] of a topic on the brokers at `bootstrap_servers`.
+pub fn create_subscription_at(
+    client: &mut Client,
+    bootstrap_servers: &str,
+    name: &str,
+    topic: &str,
+    table: &str,
+    extra: &str,
+) {
     client
         .batch_execute(&format!(
-            "SELECT kafka.create_subscription(name => '{name}', brokers => '{}', topic => '{topic}', \
-             target => '{table}'::regclass, batch_timeout_ms => 20{extra})",
-            brokers()
+            "SELECT kafka.create_subscription(name => '{name}', brokers => '{bootstrap_servers}', topic => '{topic}', \
+             target => '{table}'::regclass, batch_timeout_ms => 20{extra})"
         ))
         .unwrap_or_else(|e| panic!("create_subscription {name}: {e}"));
 }
