@@ -63,7 +63,7 @@ impl Batch {
         });
     }
 
-    pub fn view<'a>(&'a self, m: &'a BatchMessage, topic: &'a str) -> RowMessage<'a> {
+    fn view<'a>(&'a self, m: &'a BatchMessage, topic: &'a str) -> RowMessage<'a> {
         RowMessage {
             topic,
             partition: m.partition,
