@@ -5,6 +5,7 @@
 pub mod publication;
 
 use crate::error::{BridgeError, Result};
+use crate::format::Message;
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::spi::{SpiClient, SpiHeapTupleData};
@@ -267,29 +268,20 @@ pub fn advance_offset(
     Err(BridgeError::OffsetMoved { topic: topic.into(), partition, expected, found })
 }
 
-/// A message that could not become a row.
-pub struct DeadLetter<'a> {
-    pub topic: &'a str,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<&'a [u8]>,
-    pub payload: Option<&'a [u8]>,
-    pub error: &'a str,
-}
-
-pub fn insert_dead_letter(client: &mut SpiClient, subscription: &str, letter: &DeadLetter) -> Result<()> {
+/// Records a message that could not become a row, with why.
+pub fn insert_dead_letter(client: &mut SpiClient, subscription: &str, message: &Message, error: &str) -> Result<()> {
     client.update(
         "INSERT INTO kafka.dead_letters (subscription, topic, partition, \"offset\", key, payload, error) \
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
         None,
         &[
             subscription.into(),
-            letter.topic.into(),
-            letter.partition.into(),
-            letter.offset.into(),
-            letter.key.into(),
-            letter.payload.into(),
-            letter.error.into(),
+            message.topic.into(),
+            message.partition.into(),
+            message.offset.into(),
+            message.key.into(),
+            message.payload.into(),
+            error.into(),
         ],
     )?;
     Ok(())

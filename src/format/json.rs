@@ -8,12 +8,11 @@ use std::collections::HashMap;
 use std::fmt;
 
 /// The object keys a message is read for, each with the slot its value goes to.
-#[derive(Clone, Debug, Default)]
-pub struct FieldNames {
-    names: Vec<(String, usize)>,
-    /// For wide tables only: below this many names, comparing a key with each name beats
-    /// hashing it.
-    index: Option<HashMap<String, usize>>,
+#[derive(Clone, Debug)]
+pub enum FieldNames {
+    /// Below `FIELD_NAMES_HASHED_FROM` names, comparing a key with each name beats hashing it.
+    Few(Vec<(String, usize)>),
+    Many(HashMap<String, usize>),
 }
 
 const FIELD_NAMES_HASHED_FROM: usize = 16;
@@ -21,16 +20,19 @@ const FIELD_NAMES_HASHED_FROM: usize = 16;
 impl FromIterator<(String, usize)> for FieldNames {
     fn from_iter<I: IntoIterator<Item = (String, usize)>>(pairs: I) -> FieldNames {
         let names: Vec<(String, usize)> = pairs.into_iter().collect();
-        let index = (names.len() >= FIELD_NAMES_HASHED_FROM).then(|| names.iter().cloned().collect());
-        FieldNames { names, index }
+        if names.len() < FIELD_NAMES_HASHED_FROM {
+            FieldNames::Few(names)
+        } else {
+            FieldNames::Many(names.into_iter().collect())
+        }
     }
 }
 
 impl FieldNames {
     fn slot(&self, key: &str) -> Option<usize> {
-        match &self.index {
-            Some(index) => index.get(key).copied(),
-            None => self.names.iter().find(|(name, _)| name == key).map(|(_, slot)| *slot),
+        match self {
+            FieldNames::Few(names) => names.iter().find(|(name, _)| name == key).map(|(_, slot)| *slot),
+            FieldNames::Many(index) => index.get(key).copied(),
         }
     }
 }
@@ -135,7 +137,7 @@ mod tests {
     #[test]
     fn wide_tables_find_keys_through_the_index() {
         let fields: FieldNames = (0..40).map(|i| (format!("c{i}"), i)).collect();
-        assert!(fields.index.is_some());
+        assert!(matches!(fields, FieldNames::Many(_)));
         let mut out = vec![None; 40];
         object_fields(br#"{"c39": 1, "c0": 2, "other": 3}"#, &fields, &mut out).unwrap();
         assert_eq!(out[39].unwrap().get(), "1");
@@ -145,7 +147,7 @@ mod tests {
 
     #[test]
     fn rejects_non_objects_and_garbage() {
-        let fields = FieldNames::default();
+        let fields = FieldNames::Few(Vec::new());
         assert!(object_fields(b"[1]", &fields, &mut []).unwrap_err().contains("JSON object"));
         assert!(object_fields(b"{\"a\":", &fields, &mut []).is_err());
         assert!(object_fields(b"{} x", &fields, &mut []).is_err());

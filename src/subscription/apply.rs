@@ -4,10 +4,11 @@
 //! each in a subtransaction, until every bad row is isolated.
 
 use super::copy::copy_rows;
+use super::prefetch::Batch;
 use super::target::Target;
-use crate::catalog::{self, DeadLetter, Subscription};
+use crate::catalog::{self, Subscription};
 use crate::error::{BridgeError, Result};
-use crate::format::{EncodedBatch, Message, Mode, STAGING_ORDINAL, STAGING_TOMBSTONE};
+use crate::format::{EncodedBatch, Mode, STAGING_ORDINAL, STAGING_TOMBSTONE};
 use crate::security::run_as;
 use crate::settings;
 use crate::worker;
@@ -49,7 +50,8 @@ impl<'a> Applier<'a> {
         Ok(Applier { subscription, target, staging })
     }
 
-    pub fn apply(&self, messages: &[Message], batch: &EncodedBatch, advances: &[Advance]) -> Result<BatchOutcome> {
+    pub fn apply(&self, messages: &Batch, advances: &[Advance]) -> Result<BatchOutcome> {
+        let batch = &messages.encoded;
         worker::transaction(|| {
             if !settings::subscription_synchronous_commit() {
                 commit_asynchronously();
@@ -69,16 +71,8 @@ impl<'a> Applier<'a> {
             let failed_rows = dead.len() - rejected_before_write;
             Spi::connect_mut(|client| {
                 dead.iter().try_for_each(|(i, error)| {
-                    let m = &messages[*i];
-                    let letter = DeadLetter {
-                        topic: m.topic,
-                        partition: m.partition,
-                        offset: m.offset,
-                        key: m.key,
-                        payload: m.payload,
-                        error,
-                    };
-                    catalog::insert_dead_letter(client, &self.subscription.name, &letter)
+                    let message = messages.message(*i, &self.subscription.topic);
+                    catalog::insert_dead_letter(client, &self.subscription.name, &message, error)
                 })
             })?;
             Ok(BatchOutcome { rows: batch.rows.len() - failed_rows, dead_letters: dead.len() })

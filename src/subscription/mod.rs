@@ -153,8 +153,7 @@ impl SubscriptionWorker {
                 continue;
             }
             let advances: Vec<Advance> = advances.into_values().collect();
-            let views = batch.views(&subscription.topic);
-            let outcome = session.applier.apply(&views, &batch.encoded, &advances)?;
+            let outcome = session.applier.apply(&batch, &advances)?;
             for a in &advances {
                 positions.insert(a.partition, a.to);
             }

@@ -47,9 +47,10 @@ pub struct Batch {
 
 impl Batch {
     fn add(&mut self, m: &BorrowedMessage, wants_headers: bool) {
-        let headers = match (wants_headers, m.headers()) {
-            (true, Some(h)) => h.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect(),
-            _ => Vec::new(),
+        // Headers are parsed only for a table that stores them.
+        let headers = match wants_headers.then(|| m.headers()).flatten() {
+            Some(h) => h.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect(),
+            None => Vec::new(),
         };
         let key = stash(&mut self.data, m.key());
         let payload = stash(&mut self.data, m.payload());
@@ -63,7 +64,9 @@ impl Batch {
         });
     }
 
-    fn view<'a>(&'a self, m: &'a BatchMessage, topic: &'a str) -> RowMessage<'a> {
+    /// Message number `index` of the batch, as the row encoder and the dead letters see it.
+    pub fn message<'a>(&'a self, index: usize, topic: &'a str) -> RowMessage<'a> {
+        let m = &self.messages[index];
         RowMessage {
             topic,
             partition: m.partition,
@@ -73,11 +76,6 @@ impl Batch {
             timestamp_ms: m.timestamp_ms,
             headers: m.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect(),
         }
-    }
-
-    /// Every message as the row encoder sees it.
-    pub fn views<'a>(&'a self, topic: &'a str) -> Vec<RowMessage<'a>> {
-        self.messages.iter().map(|m| self.view(m, topic)).collect()
     }
 }
 
@@ -194,8 +192,8 @@ impl Reader {
             }
         }
         let mut encoded = EncodedBatch::default();
-        for (i, m) in batch.messages.iter().enumerate() {
-            encoded.push(&self.shape, i, &batch.view(m, &self.topic));
+        for i in 0..batch.messages.len() {
+            encoded.push(&self.shape, i, &batch.message(i, &self.topic));
         }
         batch.encoded = encoded;
         Ok(batch)

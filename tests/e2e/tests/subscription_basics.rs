@@ -246,3 +246,40 @@ fn columns_added_while_running_are_filled() {
     assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM kafka.dead_letters WHERE subscription = '{sub}'")), 0);
     drop_subscription(&mut pg, &sub);
 }
+
+#[test]
+fn batch_commits_wait_for_the_disk_only_when_configured() {
+    // One message per batch. A synchronous commit flushes the WAL itself, so each batch
+    // counts a sync; asynchronous commits leave the flushing to the WAL writer, which syncs a
+    // few times a second at most.
+    const MESSAGES: i64 = 300;
+    let mut pg = pg();
+    let syncs_off = wal_syncs_while_applying(&mut pg, MESSAGES);
+    pg.batch_execute("ALTER SYSTEM SET pg_kafka_bridge.subscription_synchronous_commit = on").unwrap();
+    pg.batch_execute("SELECT pg_reload_conf()").unwrap();
+    let syncs_on = wal_syncs_while_applying(&mut pg, MESSAGES);
+    pg.batch_execute("ALTER SYSTEM RESET pg_kafka_bridge.subscription_synchronous_commit").unwrap();
+    pg.batch_execute("SELECT pg_reload_conf()").unwrap();
+    assert!(syncs_on >= MESSAGES, "synchronous batch commits: {syncs_on} WAL syncs for {MESSAGES} batches");
+    assert!(
+        syncs_off < MESSAGES / 2,
+        "asynchronous batch commits (the default): {syncs_off} WAL syncs for {MESSAGES} batches"
+    );
+}
+
+/// WAL syncs (`pg_stat_wal`) of the whole server while a new subscription applies a backlog of
+/// `messages`, one per batch. The worker's statistics reach the view once it has exited.
+fn wal_syncs_while_applying(pg: &mut postgres::Client, messages: i64) -> i64 {
+    let (topic, table, sub) = topic_and_table(pg, "sync", 1, "id bigint");
+    let p = producer();
+    for i in 0..messages {
+        p.send_json(&topic, None, &i.to_string(), &json!({"id": i}));
+    }
+    p.flush();
+    let wal_syncs = "SELECT wal_sync FROM pg_stat_wal";
+    let before = count(pg, wal_syncs);
+    create_subscription(pg, &sub, &topic, &table, ", batch_size => 1");
+    wait_for_count(&format!("SELECT count(*) FROM {table}"), messages, WAIT);
+    drop_subscription(pg, &sub);
+    count(pg, wal_syncs) - before
+}
