@@ -26,20 +26,25 @@ CREATE TABLE subscription_catalog (
 );
 
 -- The durable consumer position: the next offset to apply, per partition. Advanced only in
--- the transaction that applies the rows before it.
+-- the transaction that applies the rows before it. Rows belong to a subscription by id (a
+-- subscription dropped and created again under its name is another one); the name is
+-- there to read.
 CREATE TABLE offsets (
-    subscription text NOT NULL REFERENCES subscription_catalog (name) ON DELETE CASCADE,
+    subscription_id integer NOT NULL REFERENCES subscription_catalog (id) ON DELETE CASCADE,
+    subscription text NOT NULL,
     topic        text NOT NULL,
     partition    integer NOT NULL,
     next_offset  bigint NOT NULL,
     updated_at   timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (subscription, topic, partition)
+    PRIMARY KEY (subscription_id, topic, partition)
 );
 
 -- Messages that could not become rows, with the reason. Kept when the subscription is
--- dropped; delete them when dealt with.
+-- dropped (then only superusers see them); delete them when dealt with. They belong to a
+-- subscription by id, never by its reusable name.
 CREATE TABLE dead_letters (
     id           bigserial PRIMARY KEY,
+    subscription_id integer NOT NULL,
     subscription text NOT NULL,
     topic        text NOT NULL,
     partition    integer NOT NULL,
@@ -49,7 +54,7 @@ CREATE TABLE dead_letters (
     error        text NOT NULL,
     failed_at    timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX dead_letters_position ON dead_letters (subscription, topic, partition, "offset");
+CREATE INDEX dead_letters_position ON dead_letters (subscription_id, topic, partition, "offset");
 
 -- Publication definitions. Each owns the logical replication slot named in slot_name,
 -- created and dropped with it. Read through the view kafka.publications.

@@ -4,7 +4,7 @@
 -- Librdkafka options as the querying role may see them: values (broker credentials) only
 -- for the owner's roles and superusers, names for everyone.
 CREATE FUNCTION options_as_seen(owner oid, options jsonb) RETURNS jsonb
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT CASE WHEN pg_catalog.pg_has_role(owner, 'USAGE') THEN options
                 ELSE (SELECT coalesce(pg_catalog.jsonb_object_agg(k, '********'), '{}')
                         FROM pg_catalog.jsonb_object_keys(options) AS k)
@@ -13,7 +13,7 @@ $$;
 
 -- The state a status view shows for a subscription or publication and its worker's state.
 CREATE FUNCTION state_as_seen(enabled boolean, worker_state text) RETURNS text
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT CASE WHEN NOT enabled THEN 'stopped'
                 WHEN pg_catalog.current_database() <> pg_catalog.current_setting('pg_kafka_bridge.database')
                     THEN 'inactive'
@@ -40,7 +40,8 @@ SELECT s.name AS subscription,
        w.lag,
        w.rows_per_second,
        w.rows_total,
-       w.last_error,
+       -- Errors can carry broker and table details: for the owner's roles only.
+       CASE WHEN pg_catalog.pg_has_role(s.owner, 'USAGE') THEN w.last_error END AS last_error,
        w.last_error_at,
        w.started_at
   FROM subscription_catalog s
@@ -70,7 +71,8 @@ SELECT p.name AS publication,
        pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), r.confirmed_flush_lsn)::bigint AS lag_bytes,
        w.events_per_second,
        w.events_total,
-       CASE WHEN r.slot_name IS NULL THEN format('replication slot "%s" does not exist', p.slot_name)
+       CASE WHEN NOT pg_catalog.pg_has_role(p.owner, 'USAGE') THEN NULL
+            WHEN r.slot_name IS NULL THEN format('replication slot "%s" does not exist', p.slot_name)
             WHEN r.wal_status = 'lost' THEN format('replication slot "%s" was invalidated: the WAL it needed was removed', p.slot_name)
             ELSE w.last_error END AS last_error,
        w.last_error_at,
@@ -88,11 +90,11 @@ GRANT SELECT (id, name, owner, brokers, topic, target_schema, target_table, form
 ALTER TABLE dead_letters ENABLE ROW LEVEL SECURITY;
 CREATE POLICY owner_reads ON dead_letters
     USING (EXISTS (SELECT 1 FROM subscription_catalog s
-                    WHERE s.name = dead_letters.subscription AND pg_catalog.pg_has_role(s.owner, 'USAGE')));
+                    WHERE s.id = dead_letters.subscription_id AND pg_catalog.pg_has_role(s.owner, 'USAGE')));
 ALTER TABLE offsets ENABLE ROW LEVEL SECURITY;
 CREATE POLICY owner_reads ON offsets FOR SELECT
     USING (EXISTS (SELECT 1 FROM subscription_catalog s
-                    WHERE s.name = offsets.subscription AND pg_catalog.pg_has_role(s.owner, 'USAGE')));
+                    WHERE s.id = offsets.subscription_id AND pg_catalog.pg_has_role(s.owner, 'USAGE')));
 
 GRANT SELECT (id, name, owner, brokers, tables, topic, progress_topic, slot_name, enabled, created_at)
     ON publication_catalog TO PUBLIC;

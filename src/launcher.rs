@@ -3,6 +3,7 @@
 //! stops the workers of those that were stopped or dropped. It never touches Kafka.
 
 use crate::catalog;
+use crate::publication::slots;
 use crate::settings;
 use crate::shmem::{self, SlotId, WorkerKind, WorkerState};
 use crate::worker;
@@ -13,6 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 const LIBRARY: &str = "pg_kafka_bridge";
+/// How often slot drops that wait (for a transaction, or for a worker to exit) are retried.
+const DROP_RETRY: Duration = Duration::from_millis(100);
 /// How long a worker that could not be started waits before the next attempt.
 const LAUNCH_RETRY: Duration = Duration::from_secs(5);
 
@@ -33,14 +36,20 @@ pub extern "C-unwind" fn pg_kafka_bridge_launcher_main(_arg: pg_sys::Datum) {
     let database = std::ffi::CString::new(settings::database()).unwrap_or_default();
     unsafe {
         pg_sys::BackgroundWorkerInitializeConnection(database.as_ptr(), std::ptr::null(), 0);
+        crate::security::pin_session_search_path();
         shmem::set_launcher_latch(pg_sys::MyLatch);
         pg_sys::on_shmem_exit(Some(forget_launcher_latch), pg_sys::Datum::from(0));
+    }
+    if let Err(e) = worker::transaction(slots::drop_orphans) {
+        warning!("pg_kafka_bridge launcher: could not drop unused replication slots: {e}");
     }
     let mut launcher = Launcher::default();
     loop {
         worker::check_signals();
         launcher.reconcile();
-        worker::sleep(settings::launcher_naptime());
+        // After reconciling: the workers of dropped publications have been told to stop.
+        let drops_waiting = slots::drop_pending();
+        worker::sleep(if drops_waiting { DROP_RETRY } else { settings::launcher_naptime() });
     }
 }
 
@@ -63,11 +72,11 @@ impl Launcher {
             let subscriptions = catalog::enabled_subscriptions()?.into_iter().flat_map(|(id, workers)| {
                 (0..workers).map(move |index| WorkerKey { kind: WorkerKind::Subscription, object_id: id, index })
             });
-            let database = unsafe { pg_sys::MyDatabaseId };
-            let publications = catalog::publication::enabled_publications()?
-                .into_iter()
-                .filter(|id| !shmem::is_dropping(database, *id))
-                .map(|id| WorkerKey { kind: WorkerKind::Publication, object_id: id, index: 0 });
+            let publications = catalog::publication::enabled_publications()?.into_iter().map(|id| WorkerKey {
+                kind: WorkerKind::Publication,
+                object_id: id,
+                index: 0,
+            });
             Ok(subscriptions.chain(publications).collect())
         }) {
             Ok(wanted) => wanted,
@@ -165,14 +174,6 @@ pub fn wake_at_commit() {
     WAKE_PENDING.store(true, Ordering::Relaxed);
 }
 
-/// Ends, with the current transaction, the drops of publications this backend began (see
-/// [`shmem::begin_dropping`]): committed, the publication is gone; rolled back, its worker
-/// may start again.
-pub fn end_drops_at_transaction_end() {
-    register_transaction_callback();
-    DROPS_PENDING.store(true, Ordering::Relaxed);
-}
-
 fn register_transaction_callback() {
     static REGISTERED: AtomicBool = AtomicBool::new(false);
     if !REGISTERED.swap(true, Ordering::Relaxed) {
@@ -181,21 +182,14 @@ fn register_transaction_callback() {
 }
 
 static WAKE_PENDING: AtomicBool = AtomicBool::new(false);
-static DROPS_PENDING: AtomicBool = AtomicBool::new(false);
 
 #[pg_guard]
 unsafe extern "C-unwind" fn on_transaction_end(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     let (committed, aborted) =
         (event == pg_sys::XactEvent::XACT_EVENT_COMMIT, event == pg_sys::XactEvent::XACT_EVENT_ABORT);
-    if (committed || aborted) && DROPS_PENDING.swap(false, Ordering::Relaxed) {
-        shmem::end_dropping();
-        // The launcher may start the worker of a publication whose drop rolled back.
+    // Also after a rollback: a slot made for a publication whose creation rolled back is
+    // the launcher's to drop.
+    if (committed || aborted) && WAKE_PENDING.swap(false, Ordering::Relaxed) {
         shmem::wake_launcher();
-    }
-    if committed && WAKE_PENDING.swap(false, Ordering::Relaxed) {
-        shmem::wake_launcher();
-    }
-    if aborted {
-        WAKE_PENDING.store(false, Ordering::Relaxed);
     }
 }

@@ -46,6 +46,7 @@ pub extern "C-unwind" fn _PG_init() {
     }
     settings::define();
     shmem::init();
+    publication::slots::install_drop_extension_hook();
     launcher::register();
 }
 

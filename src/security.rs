@@ -1,10 +1,22 @@
-//! Switching the current user for a stretch of work: catalog writes run as the bootstrap
-//! superuser (callers are checked first); rows are written as the subscription's owner.
+//! Who runs what. The extension's own SQL runs as the bootstrap superuser (workers, and
+//! catalog writes of the SQL functions, whose callers are checked first); everything that
+//! touches a user's table, and so may run user-defined code (triggers, defaults, domain
+//! checks, input functions of user types), runs as the owner of the subscription in a
+//! security-restricted operation.
+//!
+//! The rule for SQL the extension runs on its own behalf: it runs with `search_path =
+//! pg_catalog, pg_temp` (set for the whole session in workers, by `SET` on every SQL
+//! function, and again here for catalog writes), and names its own objects schema-qualified.
+//! So no object that another role created (an operator `public.=(oid, regtype)`, say) can
+//! take the place of a built-in one: operators and functions are never looked up in
+//! `pg_temp`, and `pg_catalog` is searched first. Operators of non-built-in types are named
+//! with `OPERATOR(schema.op)`.
 //!
 //! Either way, settings changed inside (a `set_config` in an owner's trigger, say) are undone
 //! when the stretch ends, as PostgreSQL does for its own security-restricted operations, so
 //! that code of one role never changes what the next statement of another role resolves to.
 
+use crate::error::{BridgeError, Result};
 use pgrx::pg_sys;
 use std::ffi::CStr;
 
@@ -16,13 +28,31 @@ pub fn run_as<R>(role: pg_sys::Oid, restricted: bool, f: impl FnOnce() -> R) -> 
     run_as_with_search_path(role, restricted, None, f)
 }
 
+/// The search path of every statement the extension runs on its own behalf.
+pub(crate) const PINNED_SEARCH_PATH: &CStr = c"pg_catalog, pg_temp";
+
 /// Runs `f` as the bootstrap superuser, which owns the extension's catalog tables, with a
 /// search path that no caller can have put objects of its own on.
 pub fn as_catalog_owner<R>(f: impl FnOnce() -> R) -> R {
-    run_as_with_search_path(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID), false, Some(c"pg_catalog, pg_temp"), f)
+    run_as_with_search_path(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID), false, Some(PINNED_SEARCH_PATH), f)
 }
 
-fn run_as_with_search_path<R>(
+/// Pins the search path of a background worker's session (see the module's rule). Owner
+/// code that the worker runs sees the same path, as with PostgreSQL's own logical
+/// replication workers: it cannot be redirected by objects of others either.
+pub(crate) fn pin_session_search_path() {
+    // SAFETY: sets a GUC of this backend from its main thread; both strings are static.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"search_path".as_ptr(),
+            PINNED_SEARCH_PATH.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        )
+    };
+}
+
+pub(crate) fn run_as_with_search_path<R>(
     role: pg_sys::Oid,
     restricted: bool,
     search_path: Option<&CStr>,
@@ -57,4 +87,41 @@ fn run_as_with_search_path<R>(
         pg_sys::SetUserIdAndSecContext(user, context);
     }
     result
+}
+
+/// Fails unless `role` may read every row of table `relid` (named `table` in messages):
+/// SELECT on the whole table, and no row-level security policy that would hide rows from
+/// it. A publication publishes every row from the WAL, so it may only publish tables whose
+/// every row its owner could read with a query.
+pub(crate) fn check_reads_every_row(relid: pg_sys::Oid, role: pg_sys::Oid, table: &str) -> Result<()> {
+    // SAFETY: catalog lookups by OID inside a transaction; both return a status, not a pointer.
+    let (readable, rls) = unsafe {
+        (
+            pg_sys::pg_class_aclcheck(relid, role, pg_sys::ACL_SELECT as pg_sys::AclMode)
+                == pg_sys::AclResult::ACLCHECK_OK,
+            pg_sys::check_enable_rls(relid, role, true),
+        )
+    };
+    if !readable {
+        return Err(BridgeError::InsufficientPrivilege(format!("permission denied to read {table}")));
+    }
+    if rls == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32 {
+        return Err(BridgeError::InsufficientPrivilege(format!(
+            "row-level security hides rows of {table} from role \"{}\": publish it as the table's owner or a role with BYPASSRLS",
+            role_name(role)
+        )));
+    }
+    Ok(())
+}
+
+/// The name of `role`, or its OID for a role that no longer exists.
+pub(crate) fn role_name(role: pg_sys::Oid) -> String {
+    // SAFETY: with noerr, GetUserNameFromId returns NULL for a missing role or a palloc'd,
+    // NUL-terminated copy of the name.
+    let name = unsafe { pg_sys::GetUserNameFromId(role, true) };
+    if name.is_null() {
+        return format!("{}", role.to_u32());
+    }
+    // SAFETY: checked non-NULL above; the string lives until the memory context is reset.
+    unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into_owned()
 }

@@ -142,16 +142,32 @@ impl WorkerSlot {
     }
 }
 
-/// Most publications that can be being dropped at once.
-const MAX_DROPPING: usize = 16;
+/// Most slot drops that can wait for their transaction's outcome at once.
+const MAX_PENDING_SLOT_DROPS: usize = 256;
+const SLOT_NAME_LEN: usize = 64;
 
-/// A publication whose slot a backend is dropping: the launcher must not start its worker.
-#[derive(Clone, Copy, Default)]
-struct Dropping {
-    database: pg_sys::Oid,
-    publication_id: i32,
-    /// The dropping backend; the entry lapses when that process is gone.
-    pid: i32,
+/// A replication slot to drop once transaction `xid` has ended, if it ended as `when` says.
+/// Slots are not transactional; this makes their drops follow the catalog's.
+#[derive(Clone, Copy)]
+pub(crate) struct PendingSlotDrop {
+    pub(crate) xid: pg_sys::TransactionId,
+    pub(crate) when: DropWhen,
+    slot: [u8; SLOT_NAME_LEN],
+    slot_len: u8,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum DropWhen {
+    /// The publication (or the extension) was dropped: the slot goes if that commits.
+    Committed,
+    /// The slot was created for a publication: it goes if that rolls back.
+    RolledBack,
+}
+
+impl PendingSlotDrop {
+    pub(crate) fn slot_name(&self) -> String {
+        String::from_utf8_lossy(&self.slot[..self.slot_len as usize]).into_owned()
+    }
 }
 
 pub struct Registry {
@@ -159,7 +175,7 @@ pub struct Registry {
     launcher_latch: usize,
     next_generation: u64,
     slots: [WorkerSlot; MAX_WORKERS],
-    dropping: [Dropping; MAX_DROPPING],
+    slot_drops: [Option<PendingSlotDrop>; MAX_PENDING_SLOT_DROPS],
 }
 
 impl Default for Registry {
@@ -168,7 +184,7 @@ impl Default for Registry {
             launcher_latch: 0,
             next_generation: 1,
             slots: [WorkerSlot::EMPTY; MAX_WORKERS],
-            dropping: [Dropping::default(); MAX_DROPPING],
+            slot_drops: [None; MAX_PENDING_SLOT_DROPS],
         }
     }
 }
@@ -260,35 +276,36 @@ pub fn wake_launcher() {
     }
 }
 
-/// Marks a publication of the current database as being dropped by this backend, so that no
-/// worker is started for it until [`end_dropping`]. Fails if too many drops run at once.
-pub fn begin_dropping(publication_id: i32) -> bool {
-    let (database, pid) = unsafe { (pg_sys::MyDatabaseId, pg_sys::MyProcPid) };
+/// Asks the launcher to drop replication slot `slot` once the current (sub)transaction ends
+/// as `when` says (see [`PendingSlotDrop`]); assigns it an id. The subtransaction's own id
+/// counts, so that a drop rolled back to a savepoint is rolled back even if the enclosing
+/// transaction commits. Returns `false` if too many drops are waiting already.
+pub(crate) fn drop_slot_at_end_of_transaction(slot: &str, when: DropWhen) -> bool {
+    let mut name = [0; SLOT_NAME_LEN];
+    let slot_len = slot.len().min(SLOT_NAME_LEN);
+    name[..slot_len].copy_from_slice(&slot.as_bytes()[..slot_len]);
+    // SAFETY: called inside a transaction, which may be given an id (it writes anyway).
+    let xid = unsafe { pg_sys::GetCurrentTransactionId() };
+    let entry = PendingSlotDrop { xid, when, slot: name, slot_len: slot_len as u8 };
     let mut reg = REGISTRY.exclusive();
-    let Some(entry) = reg.dropping.iter_mut().find(|d| d.pid == 0 || !process_alive(d.pid)) else {
+    let Some(free) = reg.slot_drops.iter_mut().find(|d| d.is_none()) else {
         return false;
     };
-    *entry = Dropping { database, publication_id, pid };
+    *free = Some(entry);
     true
 }
 
-/// Ends every drop this backend began.
-pub fn end_dropping() {
-    let pid = unsafe { pg_sys::MyProcPid };
-    for entry in REGISTRY.exclusive().dropping.iter_mut().filter(|d| d.pid == pid) {
-        *entry = Dropping::default();
+/// The slot drops waiting for their transactions.
+pub(crate) fn pending_slot_drops() -> Vec<PendingSlotDrop> {
+    REGISTRY.share().slot_drops.iter().flatten().copied().collect()
+}
+
+/// Forgets a pending drop that was carried out or no longer applies.
+pub(crate) fn forget_slot_drop(drop: &PendingSlotDrop) {
+    let mut reg = REGISTRY.exclusive();
+    if let Some(entry) =
+        reg.slot_drops.iter_mut().find(|d| d.is_some_and(|d| d.xid == drop.xid && d.slot_name() == drop.slot_name()))
+    {
+        *entry = None;
     }
-}
-
-/// Whether a live backend is dropping the publication.
-pub fn is_dropping(database: pg_sys::Oid, publication_id: i32) -> bool {
-    REGISTRY
-        .share()
-        .dropping
-        .iter()
-        .any(|d| d.pid != 0 && d.database == database && d.publication_id == publication_id && process_alive(d.pid))
-}
-
-fn process_alive(pid: i32) -> bool {
-    unsafe { libc::kill(pid, 0) == 0 }
 }

@@ -26,6 +26,7 @@ pub fn attach(database: &str) -> Option<SlotId> {
     }
     let db = std::ffi::CString::new(database).ok()?;
     unsafe { pg_sys::BackgroundWorkerInitializeConnection(db.as_ptr(), std::ptr::null(), 0) };
+    crate::security::pin_session_search_path();
     Some(id)
 }
 

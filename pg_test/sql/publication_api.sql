@@ -12,6 +12,19 @@ CREATE TABLE no_key (a int);
 CREATE UNLOGGED TABLE unlogged_items (id int PRIMARY KEY);
 CREATE TABLE parted (id int PRIMARY KEY) PARTITION BY RANGE (id);
 CREATE VIEW items_view AS SELECT * FROM items;
+-- Slot names carry the database's OID; shown here as <db>.
+CREATE FUNCTION slot_shown(slot text) RETURNS text LANGUAGE sql AS
+  $$ SELECT replace(slot, (SELECT oid::text FROM pg_database WHERE datname = current_database()), '<db>') $$;
+CREATE FUNCTION wait_for_slots(expected int) RETURNS int LANGUAGE plpgsql AS $$
+DECLARE n int;
+BEGIN
+  FOR i IN 1..300 LOOP
+    SELECT count(*) INTO n FROM pg_replication_slots WHERE database = current_database();
+    EXIT WHEN n = expected;
+    PERFORM pg_sleep(0.1);
+  END LOOP;
+  RETURN n;
+END $$;
 
 -- Bad arguments: each error names the problem.
 SELECT kafka.create_publication('Bad-Name', 'b:9092', ARRAY['items']::regclass[]);
@@ -31,21 +44,31 @@ SELECT kafka.start_publication('nope');
 SELECT kafka.drop_publication('nope');
 SELECT kafka.send('nope', 'notes', 'k', 'v');
 
--- Slots are not transactional: a slot of the publication's name left by a create that rolled
--- back is replaced; a slot of that name from something else is not touched.
-SELECT slot_name FROM pg_create_logical_replication_slot('pg_kafka_bridge_items_out', 'pg_kafka_bridge');
-SELECT slot_name FROM pg_create_logical_replication_slot('pg_kafka_bridge_other', 'test_decoding');
-SELECT kafka.create_publication('other', 'b:9092', ARRAY['items']::regclass[]);
-SELECT pg_drop_replication_slot('pg_kafka_bridge_other');
+-- Slots are not transactional, but follow the catalog: the slot of a create that rolled back
+-- is dropped (by the launcher; a new create waits for that), and a slot of the name that no
+-- publication made is never touched.
+BEGIN;
+SELECT kafka.create_publication('items_out', 'b:9092', ARRAY['items']::regclass[]);
+ROLLBACK;
+SELECT slot_shown(slot_name) FROM pg_create_logical_replication_slot(
+  'pg_kafka_bridge_' || (SELECT oid FROM pg_database WHERE datname = current_database()) || '_other', 'test_decoding');
+DO $$
+BEGIN
+  PERFORM kafka.create_publication('other', 'b:9092', ARRAY['items']::regclass[]);
+EXCEPTION WHEN object_not_in_prerequisite_state THEN
+  RAISE NOTICE '%', slot_shown(SQLERRM);
+END $$;
+SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'pg_kafka_bridge_%_other';
 
 -- A good publication, its catalog row and its slot.
 SELECT kafka.create_publication('items_out', 'b:9092', ARRAY['items', 'by_index', 'items']::regclass[],
                                 options => '{"sasl.password": "secret"}');
 SELECT kafka.create_publication('items_out', 'b:9092', ARRAY['items']::regclass[]);
-SELECT name, tables, topic, progress_topic, slot_name, options, enabled FROM kafka.publications;
-SELECT slot_name, plugin, slot_type FROM pg_replication_slots WHERE database = current_database();
+SELECT name, tables, topic, progress_topic, slot_shown(slot_name), options, enabled FROM kafka.publications;
+SELECT slot_shown(slot_name), plugin, slot_type FROM pg_replication_slots
+ WHERE database = current_database();
 -- Workers run in database "postgres" only (pg_kafka_bridge.database).
-SELECT publication, pid, state, slot, last_error FROM kafka.publication_status;
+SELECT publication, pid, state, slot_shown(slot), last_error FROM kafka.publication_status;
 SELECT kafka.send('items_out', 'bad topic!', 'k', 'v');
 
 -- Changes and messages, then the events they make.
@@ -69,11 +92,11 @@ COMMIT;
 SELECT data::jsonb #- '{value,source,lsn}' #- '{value,source,txid}' #- '{value,source,commit_time}'
                    #- '{value,after,big}' AS event,
        length(data::jsonb #>> '{value,after,big}') AS big
-  FROM pg_logical_slot_peek_changes('pg_kafka_bridge_items_out', NULL, NULL);
+  FROM pg_logical_slot_peek_changes((SELECT slot_name FROM kafka.publications WHERE name = 'items_out'), NULL, NULL);
 -- Positions grow with commit order, and commit times are UTC timestamps.
 SELECT count(*) AS events,
        bool_and((data::jsonb #>> '{value,source,commit_time}') ~ '^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$') AS utc
-  FROM pg_logical_slot_peek_changes('pg_kafka_bridge_items_out', NULL, NULL)
+  FROM pg_logical_slot_peek_changes((SELECT slot_name FROM kafka.publications WHERE name = 'items_out'), NULL, NULL)
  WHERE data::jsonb ? 'value' AND jsonb_typeof(data::jsonb -> 'value') = 'object';
 
 -- Privileges: management functions and kafka.send are not for PUBLIC; other roles see
@@ -91,12 +114,71 @@ SELECT kafka.stop_publication('items_out');
 RESET ROLE;
 REVOKE EXECUTE ON FUNCTION kafka.send(text, text, text, text), kafka.stop_publication(text) FROM pub_stranger;
 
--- Stop, start, drop: the slot goes with the publication.
+-- A role allowed to manage Kafka objects, but not a superuser: it cannot publish rows that
+-- row-level security hides from it, nor set options that reach the server's files, loader
+-- or programs. Each error names the option and why.
+CREATE ROLE kafka_admin;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA kafka TO kafka_admin;
+GRANT CREATE ON SCHEMA public TO kafka_admin;
+CREATE TABLE rls_items (id int PRIMARY KEY, who text);
+ALTER TABLE rls_items ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own_rows ON rls_items USING (who = current_user);
+GRANT SELECT ON rls_items, items TO kafka_admin;
+SET ROLE kafka_admin;
+SELECT kafka.create_publication('hidden', 'b:9092', ARRAY['rls_items']::regclass[]);
+SELECT kafka.create_publication('files', 'b:9092', ARRAY['items']::regclass[],
+                                options => '{"ssl.key.location": "/etc/ssl/private/ssl-cert-snakeoil.key"}');
+SELECT kafka.create_publication('loader', 'b:9092', ARRAY['items']::regclass[],
+                                options => '{"plugin.library.paths": "/tmp/not_loaded"}');
+SELECT kafka.create_publication('engine', 'b:9092', ARRAY['items']::regclass[],
+                                options => '{"ssl.engine.location": "/tmp/not_loaded.so"}');
+SELECT kafka.create_publication('krb', 'b:9092', ARRAY['items']::regclass[],
+                                options => '{"sasl.kerberos.kinit.cmd": "touch /tmp/pwned"}');
+SELECT kafka.create_publication('krb', 'b:9092', ARRAY['items']::regclass[],
+                                options => '{"sasl.mechanisms": "GSSAPI"}');
+SELECT kafka.create_publication('krb', 'b:9092', ARRAY['items']::regclass[],
+                                options => '{"security.protocol": "sasl_ssl"}');
+SELECT kafka.create_publication('cb', 'b:9092', ARRAY['items']::regclass[], options => '{"dr_msg_cb": "1"}');
+SELECT kafka.subscription_worker_status();
+RESET ROLE;
+-- Members of pg_read_server_files may name server files.
+GRANT pg_read_server_files TO kafka_admin;
+SET ROLE kafka_admin;
+SELECT kafka.create_publication('files', 'b:9092', ARRAY['items']::regclass[],
+                                options => '{"ssl.ca.location": "/etc/ssl/certs"}');
+SELECT kafka.drop_publication('files');
+RESET ROLE;
+REVOKE pg_read_server_files FROM kafka_admin;
+-- The table's owner bypasses its row-level security, and may publish it.
+ALTER TABLE rls_items OWNER TO kafka_admin;
+SET ROLE kafka_admin;
+SELECT kafka.create_publication('own_rls', 'b:9092', ARRAY['rls_items']::regclass[]);
+SELECT kafka.drop_publication('own_rls');
+RESET ROLE;
+DROP TABLE rls_items;
+REVOKE SELECT ON items FROM kafka_admin;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA kafka FROM kafka_admin;
+REVOKE CREATE ON SCHEMA public FROM kafka_admin;
+DROP ROLE kafka_admin;
+
+-- Stop, start, drop: the slot goes with the publication, once the drop commits; a drop that
+-- rolls back keeps both.
 SELECT kafka.stop_publication('items_out');
 SELECT publication, state FROM kafka.publication_status;
 SELECT kafka.start_publication('items_out');
+BEGIN;
+SELECT kafka.drop_publication('items_out');
+ROLLBACK;
+BEGIN;
+SAVEPOINT before_drop;
+SELECT kafka.drop_publication('items_out');
+ROLLBACK TO SAVEPOINT before_drop;
+COMMIT;
+SELECT pg_sleep(0.5);
+SELECT name FROM kafka.publications;
+SELECT wait_for_slots(1) AS slots;
 SELECT kafka.drop_publication('items_out');
 SELECT count(*) AS publications FROM kafka.publications;
-SELECT count(*) AS slots FROM pg_replication_slots WHERE database = current_database();
+SELECT wait_for_slots(0) AS slots;
 DROP ROLE pub_stranger;
 DROP EXTENSION pg_kafka_bridge CASCADE;

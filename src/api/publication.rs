@@ -8,19 +8,14 @@ use crate::kafka::Options;
 use crate::launcher;
 use crate::publication::events::render_topic;
 use crate::publication::outbox::{self, Outgoing};
+use crate::publication::slots;
 use crate::security::as_catalog_owner;
-use crate::shmem::{self, WorkerKind};
-use crate::worker;
 use pgrx::prelude::*;
+use pgrx::search_path;
 use pgrx::{JsonB, PgRelation};
-use std::time::{Duration, Instant};
-
-/// Slots are named after their publication with this prefix.
-const SLOT_PREFIX: &str = "pg_kafka_bridge_";
-/// How long `drop_publication` waits for the worker to let go of the slot.
-const SLOT_RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn create_publication(
     name: &str,
     brokers: &str,
@@ -47,18 +42,19 @@ fn create_publication(
         tables: oids,
         topic: topic.to_owned(),
         progress_topic: progress_topic.map_or_else(|| format!("pg_kafka_bridge.progress.{name}"), str::to_owned),
-        slot_name: format!("{SLOT_PREFIX}{name}"),
+        slot_name: slots::slot_name(name),
         options: options.0,
         enabled: true,
     };
     validate(&publication).or_raise();
     as_catalog_owner(|| {
+        slots::lock_publication_catalog()?;
         if Publication::exists(name)? {
             return Err(BridgeError::DuplicateObject { kind: "publication", name: name.into() });
         }
         // The slot comes first: PostgreSQL creates slots only in transactions that have not
         // written anything yet.
-        create_slot(&publication.slot_name)?;
+        slots::create(&publication.slot_name)?;
         publication.insert()
     })
     .or_raise();
@@ -69,13 +65,13 @@ fn create_publication(
 fn validate(p: &Publication) -> Result<()> {
     let invalid = |m: String| Err(BridgeError::InvalidParameter(m));
     if p.name.is_empty()
-        || p.name.len() > 63 - SLOT_PREFIX.len()
+        || p.name.len() > slots::MAX_PUBLICATION_NAME
         || !p.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
     {
         return invalid(format!(
             "invalid publication name \"{}\": use 1 to {} lower-case letters, digits or '_' (it names a replication slot)",
             p.name,
-            63 - SLOT_PREFIX.len()
+            slots::MAX_PUBLICATION_NAME
         ));
     }
     if p.brokers.is_empty() {
@@ -85,7 +81,7 @@ fn validate(p: &Publication) -> Result<()> {
         return invalid("tables must name at least one table".into());
     }
     super::check_topic_name(&p.progress_topic)?;
-    Options::from_json(&p.options)?;
+    Options::for_owner(&p.options, p.owner)?;
     let wal_level = unsafe { pg_sys::wal_level };
     if wal_level < pg_sys::WalLevel::WAL_LEVEL_LOGICAL as i32 {
         return Err(BridgeError::NotInPrerequisiteState(
@@ -132,110 +128,35 @@ fn check_publishable(table: &PgRelation, template: &str, caller: pg_sys::Oid) ->
             "{quoted} has no key for its events: add a primary key, or set REPLICA IDENTITY USING INDEX on a unique index"
         ));
     }
-    let readable = unsafe {
-        pg_sys::pg_class_aclcheck(table.oid(), caller, pg_sys::ACL_SELECT as pg_sys::AclMode)
-            == pg_sys::AclResult::ACLCHECK_OK
-    };
-    if !readable {
-        return Err(BridgeError::InsufficientPrivilege(format!("permission denied to read {quoted}")));
-    }
+    crate::security::check_reads_every_row(table.oid(), caller, &quoted)?;
     super::check_topic_name(&render_topic(template, table.namespace(), table.name()))
 }
 
-/// Creates the publication's logical replication slot. A slot of that name left by a
-/// `create_publication` whose transaction rolled back (slots are not transactional) is
-/// dropped first.
-fn create_slot(slot: &str) -> Result<()> {
-    let plugin = query_optional::<String>(
-        "SELECT plugin::text FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
-        &[slot.into()],
-    )?;
-    match plugin.as_deref() {
-        None => {}
-        Some("pg_kafka_bridge") => {
-            notice!("dropping replication slot \"{slot}\", left by an earlier attempt to create this publication");
-            run_read_only("SELECT pg_catalog.pg_drop_replication_slot($1)", slot)?;
-        }
-        Some(_) => {
-            return Err(BridgeError::DuplicateObject { kind: "replication slot", name: slot.into() });
-        }
-    }
-    run_read_only("SELECT pg_catalog.pg_create_logical_replication_slot($1, 'pg_kafka_bridge')", slot)
-}
-
-/// Runs a query on a slot read-only: pgrx's read-write queries assign a transaction id,
-/// and PostgreSQL refuses to create a slot in a transaction that has one.
-fn run_read_only(sql: &str, slot: &str) -> Result<()> {
-    Spi::connect(|client| client.select(sql, None, &[slot.into()]).map(|_| ()))?;
-    Ok(())
-}
-
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn start_publication(name: &str) {
     change_publication(name, |p| p.set_enabled(true)).or_raise();
     launcher::wake_at_commit();
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn stop_publication(name: &str) {
     change_publication(name, |p| p.set_enabled(false)).or_raise();
     launcher::wake_at_commit();
 }
 
-/// Drops the publication and its slot. Its worker is stopped first and kept from starting
-/// again while the transaction runs.
+/// Drops the publication; its worker stops, and its slot is dropped, once the transaction
+/// commits (see [`slots`]).
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn drop_publication(name: &str) {
-    let publication = change_publication(name, |p| Ok(p.clone())).or_raise();
-    if !shmem::begin_dropping(publication.id) {
-        BridgeError::NotInPrerequisiteState("too many publications are being dropped at once; try again".into())
-            .raise();
-    }
-    launcher::end_drops_at_transaction_end();
-    as_catalog_owner(|| {
-        drop_slot_once_released(&publication)?;
-        publication.delete()
+    change_publication(name, |p| {
+        slots::drop_at_commit(&p.slot_name)?;
+        p.delete()
     })
     .or_raise();
     launcher::wake_at_commit();
-}
-
-fn drop_slot_once_released(publication: &Publication) -> Result<()> {
-    let slot = publication.slot_name.as_str();
-    let deadline = Instant::now() + SLOT_RELEASE_TIMEOUT;
-    let database = unsafe { pg_sys::MyDatabaseId };
-    loop {
-        for (_, worker) in shmem::snapshot() {
-            let ours = worker.kind == WorkerKind::Publication
-                && worker.object_id == publication.id
-                && worker.database == database;
-            if ours && worker.pid > 0 {
-                unsafe { libc::kill(worker.pid, libc::SIGTERM) };
-            }
-        }
-        let holder = query_optional::<i32>(
-            "SELECT coalesce(active_pid, 0) FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
-            &[slot.into()],
-        )?;
-        match holder {
-            None => return Ok(()),
-            Some(0) => {
-                let dropped =
-                    worker::subtransaction(|| run_read_only("SELECT pg_catalog.pg_drop_replication_slot($1)", slot));
-                if dropped.is_ok() {
-                    return Ok(());
-                }
-            }
-            Some(pid) if Instant::now() > deadline => {
-                return Err(BridgeError::NotInPrerequisiteState(format!(
-                    "replication slot \"{slot}\" is still in use by process {pid}"
-                )));
-            }
-            Some(_) => {}
-        }
-        unsafe { pg_sys::pg_usleep(20_000) };
-        worker::check_interrupts();
-    }
 }
 
 /// Looks up a publication the caller owns, locks it and applies `change`.
@@ -251,11 +172,13 @@ fn change_publication<R>(name: &str, change: impl FnOnce(&Publication) -> Result
 /// Publishes a message to `topic` through the publication if, and only if, the calling
 /// transaction commits; in commit order with the publication's table changes.
 #[pg_extern(name = "send", volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn send_text(publication: &str, topic: &str, key: Option<&str>, value: Option<&str>) {
     send(publication, topic, key.map(str::as_bytes), value.map(str::as_bytes)).or_raise();
 }
 
 #[pg_extern(name = "send", volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn send_bytea(publication: &str, topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) {
     send(publication, topic, key, value).or_raise();
 }

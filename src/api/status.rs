@@ -1,7 +1,9 @@
 //! The workers' shared-memory slots as rows, for the status views.
 
+use crate::catalog::query_optional;
 use crate::shmem::{self, WorkerKind, WorkerSlot};
 use pgrx::prelude::*;
+use pgrx::search_path;
 
 fn timestamp(t: pg_sys::TimestampTz) -> Option<TimestampWithTimeZone> {
     (t != 0).then(|| TimestampWithTimeZone::try_from(t).ok()).flatten()
@@ -13,8 +15,25 @@ fn slots_of(kind: WorkerKind) -> impl Iterator<Item = WorkerSlot> {
     shmem::snapshot().into_iter().map(|(_, s)| s).filter(move |s| s.database == database && s.kind == kind)
 }
 
+/// The worker's last error if the current user has the privileges of the object's owner:
+/// errors can carry broker and table details.
+fn visible_error(slot: &WorkerSlot) -> Option<String> {
+    let catalog = match slot.kind {
+        WorkerKind::Subscription => "kafka.subscription_catalog",
+        WorkerKind::Publication => "kafka.publication_catalog",
+    };
+    let owner =
+        query_optional::<pg_sys::Oid>(&format!("SELECT owner FROM {catalog} WHERE id = $1"), &[slot.object_id.into()])
+            .ok()
+            .flatten()?;
+    // SAFETY: a role membership lookup inside the calling transaction.
+    let owners_role = unsafe { pg_sys::has_privs_of_role(pg_sys::GetUserId(), owner) };
+    owners_role.then(|| slot.last_error()).flatten()
+}
+
 /// One row per publication worker.
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 #[allow(clippy::type_complexity)]
 fn publication_worker_status() -> TableIterator<
     'static,
@@ -44,7 +63,7 @@ fn publication_worker_status() -> TableIterator<
                 timestamp(slot.published_commit_time),
                 slot.rows_per_second,
                 slot.rows_total,
-                slot.last_error(),
+                visible_error(&slot),
                 timestamp(slot.last_error_at),
                 timestamp(slot.started_at),
             )
@@ -55,6 +74,7 @@ fn publication_worker_status() -> TableIterator<
 
 /// One row per subscription worker and partition it consumes, from the workers' shared-memory slots.
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 #[allow(clippy::type_complexity)]
 fn subscription_worker_status() -> TableIterator<
     'static,
@@ -77,7 +97,7 @@ fn subscription_worker_status() -> TableIterator<
     for slot in slots_of(WorkerKind::Subscription) {
         let common =
             (slot.object_id, slot.worker_index, (slot.pid > 0).then_some(slot.pid), slot.state.as_str().to_string());
-        let error = slot.last_error();
+        let error = visible_error(&slot);
         let tail =
             (slot.rows_per_second, slot.rows_total, error, timestamp(slot.last_error_at), timestamp(slot.started_at));
         // One row per partition; a worker that has none yet still gets a row.

@@ -9,12 +9,14 @@ use crate::security::as_catalog_owner;
 use crate::shmem;
 use crate::subscription::target::Target;
 use pgrx::prelude::*;
+use pgrx::search_path;
 use pgrx::{JsonB, PgRelation};
 
 const MAX_BATCH_SIZE: i32 = 1_000_000;
 
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn create_subscription(
     name: &str,
     brokers: &str,
@@ -88,7 +90,7 @@ fn validate(s: &Subscription, target: &PgRelation) -> Result<()> {
     if mode == Mode::Insert && s.key_columns.is_some() {
         return invalid("key_columns applies to mode 'upsert' only".into());
     }
-    Options::from_json(&s.options)?;
+    Options::for_owner(&s.options, s.owner)?;
     let (relkind, persistence) = unsafe { ((*target.rd_rel).relkind as u8, (*target.rd_rel).relpersistence as u8) };
     if relkind != pg_sys::RELKIND_RELATION && relkind != pg_sys::RELKIND_PARTITIONED_TABLE {
         return invalid(format!("\"{}\" is not a table", target.name()));
@@ -102,16 +104,19 @@ fn validate(s: &Subscription, target: &PgRelation) -> Result<()> {
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn start_subscription(name: &str) {
     change_subscription(name, |s| s.set_enabled(true)).or_raise();
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn stop_subscription(name: &str) {
     change_subscription(name, |s| s.set_enabled(false)).or_raise();
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn drop_subscription(name: &str) {
     change_subscription(name, |s| s.delete()).or_raise();
 }

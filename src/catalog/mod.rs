@@ -201,13 +201,13 @@ pub fn initial_partitions(subscription_id: i32, count: i32) -> Result<i32> {
     })
 }
 
-/// Stored positions of a subscription's partitions of `topic`.
-pub fn read_offsets(subscription: &str, topic: &str) -> Result<HashMap<i32, i64>> {
+/// Stored positions of the subscription's partitions of its topic.
+pub fn read_offsets(subscription: &Subscription) -> Result<HashMap<i32, i64>> {
     Spi::connect(|client| {
         let table = client.select(
-            "SELECT partition, next_offset FROM kafka.offsets WHERE subscription = $1 AND topic = $2",
+            "SELECT partition, next_offset FROM kafka.offsets WHERE subscription_id = $1 AND topic = $2",
             None,
-            &[subscription.into(), topic.into()],
+            &[subscription.id.into(), subscription.topic.as_str().into()],
         )?;
         table
             .into_iter()
@@ -217,14 +217,20 @@ pub fn read_offsets(subscription: &str, topic: &str) -> Result<HashMap<i32, i64>
 }
 
 /// Stores starting positions for partitions that have none yet; existing ones are kept.
-pub fn insert_missing_offsets(subscription: &str, topic: &str, starts: &[(i32, i64)]) -> Result<()> {
+pub fn insert_missing_offsets(subscription: &Subscription, starts: &[(i32, i64)]) -> Result<()> {
     Spi::connect_mut(|client| {
         for &(partition, offset) in starts {
             client.update(
-                "INSERT INTO kafka.offsets (subscription, topic, partition, next_offset) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                "INSERT INTO kafka.offsets (subscription_id, subscription, topic, partition, next_offset) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
                 None,
-                &[subscription.into(), topic.into(), partition.into(), offset.into()],
+                &[
+                    subscription.id.into(),
+                    subscription.name.as_str().into(),
+                    subscription.topic.as_str().into(),
+                    partition.into(),
+                    offset.into(),
+                ],
             )?;
         }
         Ok(())
@@ -242,13 +248,11 @@ pub fn advance_offset(
     expected: i64,
     next: i64,
 ) -> Result<()> {
-    let (id, name, topic) = (subscription.id, subscription.name.as_str(), subscription.topic.as_str());
+    let (id, topic) = (subscription.id, subscription.topic.as_str());
     let updated = client
         .update(
-            "UPDATE kafka.offsets o SET next_offset = $5, updated_at = now() \
-               FROM kafka.subscription_catalog s \
-              WHERE s.id = $1 AND o.subscription = s.name AND o.topic = $2 AND o.partition = $3 \
-                AND o.next_offset = $4",
+            "UPDATE kafka.offsets SET next_offset = $5, updated_at = pg_catalog.now() \
+              WHERE subscription_id = $1 AND topic = $2 AND partition = $3 AND next_offset = $4",
             None,
             &[id.into(), topic.into(), partition.into(), expected.into(), next.into()],
         )?
@@ -258,9 +262,9 @@ pub fn advance_offset(
     }
     let found = client
         .select(
-            "SELECT next_offset FROM kafka.offsets WHERE subscription = $1 AND topic = $2 AND partition = $3",
+            "SELECT next_offset FROM kafka.offsets WHERE subscription_id = $1 AND topic = $2 AND partition = $3",
             Some(1),
-            &[name.into(), topic.into(), partition.into()],
+            &[id.into(), topic.into(), partition.into()],
         )?
         .first()
         .get_one::<i64>()
@@ -269,13 +273,19 @@ pub fn advance_offset(
 }
 
 /// Records a message that could not become a row, with why.
-pub fn insert_dead_letter(client: &mut SpiClient, subscription: &str, message: &Message, error: &str) -> Result<()> {
+pub fn insert_dead_letter(
+    client: &mut SpiClient,
+    subscription: &Subscription,
+    message: &Message,
+    error: &str,
+) -> Result<()> {
     client.update(
-        "INSERT INTO kafka.dead_letters (subscription, topic, partition, \"offset\", key, payload, error) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO kafka.dead_letters (subscription_id, subscription, topic, partition, \"offset\", key, payload, error) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         None,
         &[
-            subscription.into(),
+            subscription.id.into(),
+            subscription.name.as_str().into(),
             message.topic.into(),
             message.partition.into(),
             message.offset.into(),
@@ -285,4 +295,20 @@ pub fn insert_dead_letter(client: &mut SpiClient, subscription: &str, message: &
         ],
     )?;
     Ok(())
+}
+
+/// The schema-qualified, quoted name of table `relid`, or `None` if it no longer exists.
+pub(crate) fn qualified_table_name(relid: pg_sys::Oid) -> Option<String> {
+    // SAFETY: syscache lookups by OID inside a transaction; each returns NULL when the
+    // object is missing and a palloc'd copy of the name otherwise.
+    unsafe {
+        let table = pg_sys::get_rel_name(relid);
+        let schema = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid));
+        if table.is_null() || schema.is_null() {
+            return None;
+        }
+        let quote =
+            |name: *const std::ffi::c_char| spi::quote_identifier(std::ffi::CStr::from_ptr(name).to_string_lossy());
+        Some(format!("{}.{}", quote(schema), quote(table)))
+    }
 }

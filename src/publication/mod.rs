@@ -6,9 +6,11 @@ pub mod decoder;
 pub mod events;
 pub mod outbox;
 pub mod publisher;
+pub mod slots;
 
 use crate::catalog::publication::Publication;
-use crate::error::{BridgeError, Result};
+use crate::error::Result;
+use crate::kafka::Options;
 use crate::settings;
 use crate::shmem::{self, SlotId, WorkerState};
 use crate::worker::{self, Backoff, RateMeter};
@@ -17,7 +19,7 @@ use pgrx::prelude::*;
 use publisher::{Publisher, SharedPublisher, MAX_KAFKA_TRANSACTION_AGE};
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Longest stretch of decoding between two looks at signals and the Kafka transaction.
 const READ_BUDGET: Duration = Duration::from_millis(100);
@@ -53,30 +55,31 @@ impl PublicationWorker {
 
     /// Publishes until the publication is stopped (`Ok`) or something fails.
     fn session(&self, backoff: &mut Backoff) -> Result<()> {
-        let Some(publication) = worker::transaction(|| self.load())? else {
+        let Some((publication, options)) = worker::transaction(|| self.load())? else {
             return Ok(());
         };
         if let Ok(name) = std::ffi::CString::new(publication.name.as_str()) {
             unsafe { pg_sys::pgstat_report_appname(name.as_ptr()) };
         }
-        // Events carry dates in ISO form, whatever the server's default DateStyle.
-        unsafe {
-            pg_sys::SetConfigOption(
-                c"DateStyle".as_ptr(),
-                c"ISO".as_ptr(),
-                pg_sys::GucContext::PGC_SUSET,
-                pg_sys::GucSource::PGC_S_OVERRIDE,
-            )
-        };
-        let publisher = Rc::new(RefCell::new(Publisher::connect(&publication)?));
+        pin_output_settings();
+        let publisher = Rc::new(RefCell::new(Publisher::connect(&publication, &options)?));
         let mut meter = RateMeter::default();
         let mut reported_events = 0;
         self.report(&publisher.borrow(), &mut meter, &mut reported_events);
         let state = PluginState::new(Some(Selection::of(&publication)), Box::new(SharedPublisher(publisher.clone())));
         let mut decoder = Decoder::open(&publication.slot_name, state)?;
         shmem::update(self.id, |slot| slot.state = WorkerState::Running);
+        let mut next_check = Instant::now() + settings::metadata_refresh();
         loop {
             worker::check_signals();
+            if Instant::now() >= next_check {
+                // Rights can be revoked, and row-level security enabled, while the worker
+                // runs: checked again at this interval, not only at the start.
+                if worker::transaction(|| self.load())?.is_none() {
+                    return Ok(());
+                }
+                next_check = Instant::now() + settings::metadata_refresh();
+            }
             let caught_up = decoder.read(READ_BUDGET)?;
             let mut p = publisher.borrow_mut();
             if p.has_open_transaction() && (caught_up || p.open_transaction_age() >= MAX_KAFKA_TRANSACTION_AGE) {
@@ -127,27 +130,46 @@ impl PublicationWorker {
     }
 
     /// The publication, if it is still there and enabled; checks that its owner may still
-    /// read every table it publishes.
-    fn load(&self) -> Result<Option<Publication>> {
+    /// read every row of every table it publishes and set its options.
+    fn load(&self) -> Result<Option<(Publication, Options)>> {
         let Some(publication) = Publication::by_id(self.publication_id)? else {
             return Ok(None);
         };
         if !publication.enabled {
             return Ok(None);
         }
-        for table in &publication.tables {
-            let readable = crate::catalog::query_optional::<bool>(
-                "SELECT pg_catalog.has_table_privilege($1, $2, 'SELECT') FROM pg_catalog.pg_class WHERE oid = $2",
-                &[publication.owner.into(), (*table).into()],
-            )?;
-            if readable == Some(false) {
-                return Err(BridgeError::InsufficientPrivilege(format!(
-                    "the owner of publication \"{}\" may not read table {}",
-                    publication.name,
-                    u32::from(*table)
-                )));
+        for &table in &publication.tables {
+            // A dropped table simply has no more changes.
+            if let Some(name) = crate::catalog::qualified_table_name(table) {
+                crate::security::check_reads_every_row(table, publication.owner, &name)?;
             }
         }
-        Ok(Some(publication))
+        let options = Options::for_owner(&publication.options, publication.owner)?;
+        Ok(Some((publication, options)))
+    }
+}
+
+/// Settings that change the text output of values: events look the same whatever the
+/// server's or a role's defaults are (ALTER ROLE / DATABASE ... SET are overridden too).
+const OUTPUT_SETTINGS: [(&std::ffi::CStr, &std::ffi::CStr); 6] = [
+    (c"DateStyle", c"ISO, YMD"),
+    (c"IntervalStyle", c"postgres"),
+    (c"TimeZone", c"UTC"),
+    (c"extra_float_digits", c"1"),
+    (c"bytea_output", c"hex"),
+    (c"lc_monetary", c"C"),
+];
+
+fn pin_output_settings() {
+    for (name, value) in OUTPUT_SETTINGS {
+        // SAFETY: sets a GUC of this backend from its main thread; the strings are static.
+        unsafe {
+            pg_sys::SetConfigOption(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            )
+        };
     }
 }

@@ -74,8 +74,7 @@ struct OpenTransaction {
 
 impl Publisher {
     /// Connects, fences any earlier incarnation and reads the committed progress.
-    pub fn connect(publication: &Publication) -> Result<Publisher> {
-        let options = Options::from_json(&publication.options)?;
+    pub fn connect(publication: &Publication, options: &Options) -> Result<Publisher> {
         let transactional_id = transactional_id(publication);
         let mut config = ClientConfig::new();
         config.set("queue.buffering.max.kbytes", "16384").set("linger.ms", "5");

@@ -25,8 +25,7 @@ pub struct Source {
 }
 
 impl Source {
-    pub fn connect(subscription: &Subscription) -> Result<Source> {
-        let options = Options::from_json(&subscription.options)?;
+    pub fn connect(subscription: &Subscription, options: &Options) -> Result<Source> {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &subscription.brokers)

@@ -11,6 +11,7 @@ pub mod target;
 use crate::catalog::{self, Subscription};
 use crate::error::{BridgeError, Result};
 use crate::format::{Format, Mode};
+use crate::kafka::Options;
 use crate::settings;
 use crate::shmem::{self, PartitionProgress, SlotId, WorkerState};
 use crate::worker::{self, Backoff, RateMeter};
@@ -74,14 +75,14 @@ impl SubscriptionWorker {
 
     /// Sets up from the catalog and consumes until an error, a change, or the end.
     fn session(&mut self, backoff: &mut Backoff) -> Result<SessionEnd> {
-        let Some((subscription, target)) = worker::transaction(|| self.load())? else {
+        let Some((subscription, target, options)) = worker::transaction(|| self.load())? else {
             return Ok(SessionEnd::Exit);
         };
         // pg_stat_activity.application_name tells which subscription a worker serves.
         if let Ok(name) = std::ffi::CString::new(subscription.name.as_str()) {
             unsafe { pg_sys::pgstat_report_appname(name.as_ptr()) };
         }
-        let source = Arc::new(Source::connect(&subscription)?);
+        let source = Arc::new(Source::connect(&subscription, &options)?);
         let all_partitions = source.partitions()?;
         let partitions = self.owned(&all_partitions, subscription.workers);
         let mut positions = self.positions(&subscription, &source, &partitions, all_partitions.len() as i32)?;
@@ -204,8 +205,9 @@ impl SubscriptionWorker {
     }
 
     /// Reads the definition and resolves the table; `None` if the subscription is gone or
-    /// stopped. Checks again that the owner may write the table.
-    fn load(&self) -> Result<Option<(Subscription, Target)>> {
+    /// stopped. Checks again that the owner may write the table and set its options (it
+    /// may have lost privileges since).
+    fn load(&self) -> Result<Option<(Subscription, Target, Options)>> {
         let Some(subscription) = Subscription::by_id(self.subscription_id)? else {
             return Ok(None);
         };
@@ -226,7 +228,8 @@ impl SubscriptionWorker {
             subscription.key_columns.as_deref(),
         )?;
         target.check_writable_by(subscription.owner)?;
-        Ok(Some((subscription, target)))
+        let options = Options::for_owner(&subscription.options, subscription.owner)?;
+        Ok(Some((subscription, target, options)))
     }
 
     fn owned(&self, partitions: &[i32], workers: i32) -> Vec<i32> {
@@ -246,7 +249,7 @@ impl SubscriptionWorker {
     ) -> Result<BTreeMap<i32, i64>> {
         let (stored, initial_partitions) = worker::transaction(|| {
             let initial = catalog::initial_partitions(subscription.id, partition_count)?;
-            Ok((catalog::read_offsets(&subscription.name, &subscription.topic)?, initial))
+            Ok((catalog::read_offsets(subscription)?, initial))
         })?;
         let mut missing = Vec::new();
         for &p in partitions.iter().filter(|p| !stored.contains_key(p)) {
@@ -254,9 +257,9 @@ impl SubscriptionWorker {
             missing.push((p, source.boundary(p, latest)?));
         }
         if !missing.is_empty() {
-            worker::transaction(|| catalog::insert_missing_offsets(&subscription.name, &subscription.topic, &missing))?;
+            worker::transaction(|| catalog::insert_missing_offsets(subscription, &missing))?;
         }
-        let stored = worker::transaction(|| catalog::read_offsets(&subscription.name, &subscription.topic))?;
+        let stored = worker::transaction(|| catalog::read_offsets(subscription))?;
         Ok(partitions.iter().filter_map(|p| stored.get(p).map(|o| (*p, *o))).collect())
     }
 }

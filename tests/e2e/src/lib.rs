@@ -439,12 +439,21 @@ pub fn stop_publication(client: &mut Client, name: &str) {
     });
 }
 
-/// Drops a publication; its worker and its slot must be gone when that returns.
+/// The replication slot of publication `name`.
+pub fn slot_of(client: &mut Client, name: &str) -> String {
+    client
+        .query_one("SELECT slot_name::text FROM kafka.publications WHERE name = $1", &[&name])
+        .unwrap_or_else(|e| panic!("slot of publication {name}: {e}"))
+        .get(0)
+}
+
+/// Drops a publication; its worker and, once the drop committed, its slot must go.
 pub fn drop_publication(client: &mut Client, name: &str) {
+    let slot = slot_of(client, name);
     client.batch_execute(&format!("SELECT kafka.drop_publication('{name}')")).unwrap();
-    let slots =
-        count(client, &format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pg_kafka_bridge_{name}'"));
-    assert_eq!(slots, 0, "the slot of {name} outlived drop_publication");
+    wait_for("the slot of a dropped publication to go", Duration::from_secs(30), || {
+        count(client, &format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}'")) == 0
+    });
     wait_for("the worker of a dropped publication to exit", Duration::from_secs(30), || {
         publication_worker_pids(client, name).is_empty()
     });

@@ -139,7 +139,8 @@ fn an_unreachable_broker_and_a_missing_slot_show_in_the_status() {
     });
 
     stop_publication(&mut pg, &name);
-    pg.batch_execute(&format!("SELECT pg_drop_replication_slot('pg_kafka_bridge_{name}')")).unwrap();
+    let slot = slot_of(&mut pg, &name);
+    pg.batch_execute(&format!("SELECT pg_drop_replication_slot('{slot}')")).unwrap();
     pg.batch_execute(&format!("SELECT kafka.start_publication('{name}')")).unwrap();
     wait_for("the missing slot in the status", TIMEOUT, || {
         publication_error(&mut pg, &name).is_some_and(|e| e.contains("does not exist"))
@@ -194,13 +195,9 @@ fn an_invalidated_slot_shows_in_the_status() {
     pg.batch_execute("CHECKPOINT").unwrap();
     pg.batch_execute("ALTER SYSTEM RESET max_slot_wal_keep_size").unwrap();
     pg.batch_execute("SELECT pg_reload_conf()").unwrap();
-    let wal_status: Option<String> = pg
-        .query_one(
-            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
-            &[&format!("pg_kafka_bridge_{name}")],
-        )
-        .unwrap()
-        .get(0);
+    let slot = slot_of(&mut pg, &name);
+    let wal_status: Option<String> =
+        pg.query_one("SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1", &[&slot]).unwrap().get(0);
     assert_eq!(wal_status.as_deref(), Some("lost"));
     pg.batch_execute(&format!("SELECT kafka.start_publication('{name}')")).unwrap();
     wait_for("the invalidated slot in the status", TIMEOUT, || {

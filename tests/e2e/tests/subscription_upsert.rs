@@ -82,3 +82,28 @@ fn upsert_on_chosen_key_columns() {
     assert_eq!(got, vec![("eu".into(), "a".into(), "3".into())]);
     drop_subscription(&mut pg, &sub);
 }
+
+/// Staged values take their column's type in the upsert statement: fixed-width types keep
+/// their width (`char(3)`, `bit(4)`), so keys that differ only after the first character
+/// stay distinct and a tombstone deletes only its own key.
+#[test]
+fn upsert_keeps_fixed_width_keys_and_values_whole() {
+    let mut pg = pg();
+    let (topic, table, sub) = topic_and_table(&mut pg, "upw", 1, "code char(3) PRIMARY KEY, flags bit(4), v text");
+    create_subscription(&mut pg, &sub, &topic, &table, ", mode => 'upsert'");
+    let p = producer();
+    p.send_json(&topic, None, "abc", &json!({"code": "abc", "flags": "1010", "v": "1"}));
+    p.send_json(&topic, None, "abd", &json!({"code": "abd", "flags": "0101", "v": "2"}));
+    p.send_json(&topic, None, "abe", &json!({"code": "abe", "flags": "0011", "v": "3"}));
+    p.send(&topic, None, Some(br#"{"code": "abd"}"#), None);
+    p.flush();
+    wait_for_count(&format!("SELECT next_offset FROM kafka.offsets WHERE subscription = '{sub}'"), 4, WAIT);
+    let got: Vec<(String, String, String)> = pg
+        .query(&format!("SELECT code, flags::text, v FROM {table} ORDER BY code"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(got, vec![("abc".into(), "1010".into(), "1".into()), ("abe".into(), "0011".into(), "3".into())]);
+    drop_subscription(&mut pg, &sub);
+}

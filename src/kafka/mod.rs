@@ -1,8 +1,12 @@
 //! Kafka client configuration shared by every worker, and the client context that carries
 //! librdkafka's errors from its own threads to the worker's main thread.
 
+mod properties;
+
 use crate::error::{BridgeError, Result};
 use parking_lot::Mutex;
+use pgrx::pg_sys;
+use properties::Access;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
@@ -15,28 +19,16 @@ use rdkafka::ClientConfig;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Properties the extension sets itself because its guarantees depend on them.
-const MANAGED_PROPERTIES: &[&str] = &[
-    "bootstrap.servers",
-    "metadata.broker.list",
-    "group.id",
-    "enable.auto.commit",
-    "enable.auto.offset.store",
-    "isolation.level",
-    "auto.offset.reset",
-    "enable.partition.eof",
-    "transactional.id",
-    "enable.idempotence",
-];
-
-/// Librdkafka properties given by a user, checked.
+/// Librdkafka properties given by an owner, checked against [`properties`]: the allow-list.
 #[derive(Clone, Debug, Default)]
 pub struct Options(Vec<(String, String)>);
 
 impl Options {
-    /// Accepts a JSON object whose values are strings, naming properties librdkafka knows and
-    /// the extension does not manage itself. No broker is contacted.
-    pub fn from_json(value: &serde_json::Value) -> Result<Options> {
+    /// Accepts a JSON object whose values are strings, naming properties that `owner` may
+    /// set (see [`properties`]), with values librdkafka accepts. Every name is checked before
+    /// librdkafka sees any value, since setting some properties loads code at once. No
+    /// broker is contacted. Looks roles up: runs inside a transaction.
+    pub fn for_owner(value: &serde_json::Value, owner: pg_sys::Oid) -> Result<Options> {
         let serde_json::Value::Object(map) = value else {
             return Err(BridgeError::InvalidParameter(format!(
                 "options must be a JSON object of strings, not {value}"
@@ -49,17 +41,38 @@ impl Options {
                     "option \"{name}\" must be a JSON string, not {value}"
                 )));
             };
-            if MANAGED_PROPERTIES.contains(&name.as_str()) {
+            let Some(access) = properties::access(name, value) else {
+                return Err(BridgeError::InvalidParameter(format!(
+                    "option \"{name}\" is not a librdkafka property that pg_kafka_bridge allows"
+                )));
+            };
+            if access == Access::Managed {
                 return Err(BridgeError::InvalidParameter(format!(
                     "option \"{name}\" is set by pg_kafka_bridge and cannot be overridden"
                 )));
             }
+            if !may_set(owner, access) {
+                return Err(BridgeError::InsufficientPrivilege(format!(
+                    "option \"{name}\" is not allowed for role \"{}\": {}",
+                    crate::security::role_name(owner),
+                    access.requirement()
+                )));
+            }
+            pairs.push((name.clone(), value.clone()));
+        }
+        if properties::kerberos_by_default(&pairs) && !may_set(owner, Access::ServerProgram) {
+            return Err(BridgeError::InsufficientPrivilege(format!(
+                "option \"security.protocol\" without \"sasl.mechanisms\" means Kerberos (GSSAPI), which is not allowed for role \"{}\": {}",
+                crate::security::role_name(owner),
+                Access::ServerProgram.requirement()
+            )));
+        }
+        for (name, value) in &pairs {
             let mut probe = ClientConfig::new();
             probe.set(name, value);
             if let Err(e) = probe.create_native_config() {
                 return Err(BridgeError::InvalidParameter(format!("option \"{name}\": {}", kafka_reason(&e))));
             }
-            pairs.push((name.clone(), value.clone()));
         }
         Ok(Options(pairs))
     }
@@ -72,6 +85,25 @@ impl Options {
 
     pub fn contains(&self, name: &str) -> bool {
         self.0.iter().any(|(n, _)| n == name)
+    }
+}
+
+/// Whether `role` holds what PostgreSQL asks for the same power as a property of `access`.
+fn may_set(role: pg_sys::Oid, access: Access) -> bool {
+    // SAFETY: plain catalog lookups by OID; callers run inside a transaction.
+    unsafe {
+        match access {
+            Access::Open => true,
+            Access::Managed => false,
+            _ if pg_sys::superuser_arg(role) => true,
+            Access::ServerFiles => {
+                pg_sys::has_privs_of_role(role, pg_sys::Oid::from(pg_sys::ROLE_PG_READ_SERVER_FILES))
+            }
+            Access::ServerProgram => {
+                pg_sys::has_privs_of_role(role, pg_sys::Oid::from(pg_sys::ROLE_PG_EXECUTE_SERVER_PROGRAM))
+            }
+            Access::Superuser => false,
+        }
     }
 }
 
