@@ -34,6 +34,12 @@ pub fn register() {
 pub extern "C-unwind" fn pg_kafka_bridge_launcher_main(_arg: pg_sys::Datum) {
     worker::install_signal_handlers();
     let database = std::ffi::CString::new(settings::database()).unwrap_or_default();
+    // SAFETY: on the launcher's main thread, once, at start: it was registered with
+    // BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION (`enable_spi_access()`),
+    // and `database` is a NUL-terminated string alive for the call. MyLatch is then the
+    // process latch inside this process's PGPROC in shared memory (InitProcess switched to
+    // it), which is what the registry may publish to other processes (see
+    // `shmem::wake_launcher`). The exit callback is `'static` and takes a dummy argument.
     unsafe {
         pg_sys::BackgroundWorkerInitializeConnection(database.as_ptr(), std::ptr::null(), 0);
         crate::security::pin_session_search_path();
@@ -53,6 +59,14 @@ pub extern "C-unwind" fn pg_kafka_bridge_launcher_main(_arg: pg_sys::Datum) {
     }
 }
 
+/// Withdraws the launcher's latch from the registry when the launcher exits. It runs before
+/// `ProcKill` hands the PGPROC, and so the latch, to another process: on_shmem_exit
+/// callbacks run in reverse order of registration, and InitProcess registered ProcKill first.
+///
+/// # Safety
+///
+/// Only PostgreSQL calls it, from `shmem_exit()` in the launcher's `proc_exit()`, on its
+/// main thread, with the dummy argument registered above (never dereferenced).
 #[pg_guard]
 unsafe extern "C-unwind" fn forget_launcher_latch(_code: i32, _arg: pg_sys::Datum) {
     shmem::set_launcher_latch(std::ptr::null_mut());
@@ -97,12 +111,16 @@ impl Launcher {
             !gone
         });
 
+        // SAFETY: GetCurrentTimestamp only reads the clock; it takes no pointer and cannot fail.
         let now = unsafe { pg_sys::GetCurrentTimestamp() };
         let mut present = HashSet::new();
         for (id, slot) in shmem::snapshot() {
             let key = WorkerKey { kind: slot.kind, object_id: slot.object_id, index: slot.worker_index };
             if !wanted.contains(&key) {
                 if slot.pid > 0 {
+                    // SAFETY: kill(2) takes no pointers. The `pid > 0` test keeps it to one
+                    // process (0 or -1 would signal a group or every process); the pid is the
+                    // one the worker wrote into its slot, cleared when it exits.
                     unsafe { libc::kill(slot.pid, libc::SIGTERM) };
                 } else {
                     shmem::release(id);
@@ -140,6 +158,7 @@ impl Launcher {
             .set_function(&format!("pg_kafka_bridge_{kind_name}_main"))
             .enable_spi_access()
             .set_extra(&id.encode())
+            // SAFETY: MyProcPid is a plain int set once at process start; read on the main thread.
             .set_notify_pid(unsafe { pg_sys::MyProcPid })
             .load_dynamic();
         match started {
@@ -177,12 +196,23 @@ pub fn wake_at_commit() {
 fn register_transaction_callback() {
     static REGISTERED: AtomicBool = AtomicBool::new(false);
     if !REGISTERED.swap(true, Ordering::Relaxed) {
+        // SAFETY: on the backend's main thread (SQL functions run there); registers a
+        // `'static` callback with a NULL argument it never reads, once per process
+        // (REGISTERED), in a list PostgreSQL keeps in TopMemoryContext for the process's life.
         unsafe { pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut()) };
     }
 }
 
 static WAKE_PENDING: AtomicBool = AtomicBool::new(false);
 
+/// Wakes the launcher at the end of a transaction that asked for it. At XACT_EVENT_COMMIT
+/// the transaction is already committed, so nothing here may raise an error:
+/// `wake_launcher` only takes the registry lock in shared mode and sets a latch.
+///
+/// # Safety
+///
+/// Only PostgreSQL calls it, from `CallXactCallbacks()` on the backend's main thread, with
+/// an `XactEvent` and the NULL argument registered above (never read).
 #[pg_guard]
 unsafe extern "C-unwind" fn on_transaction_end(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     let (committed, aborted) =

@@ -41,6 +41,8 @@ extension_sql_file!("../sql/views.sql", name = "views", finalize);
 pub extern "C-unwind" fn _PG_init() {
     // Workers and shared memory can only be set up by the postmaster while it loads
     // shared_preload_libraries; loaded any other way the extension could not run at all.
+    // SAFETY: a plain bool global that miscinit.c sets around loading the preload
+    // libraries; read on the loading process's main thread, where _PG_init runs.
     if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
         error!("pg_kafka_bridge must be loaded via shared_preload_libraries");
     }

@@ -17,15 +17,16 @@
 //! that code of one role never changes what the next statement of another role resolves to.
 
 use crate::error::{BridgeError, Result};
+use crate::settings::{set_server_setting, SettingScope};
 use pgrx::pg_sys;
 use std::ffi::CStr;
 
-/// Runs `f` with `role` as the current user. With `restricted`, `f` also runs as a
-/// security-restricted operation, so that code of the role's (triggers, defaults) cannot
-/// change the session. The previous user and settings are restored when `f` returns; if `f`
-/// raises an error, the (sub)transaction's abort restores them.
-pub fn run_as<R>(role: pg_sys::Oid, restricted: bool, f: impl FnOnce() -> R) -> R {
-    run_as_with_search_path(role, restricted, None, f)
+/// Runs `f` as `owner`, the owner of a subscription, in a security-restricted operation, so
+/// that the owner's code (triggers, defaults, domain checks) runs with the owner's rights
+/// and cannot change the session. The previous user and settings are restored when `f`
+/// returns; if `f` raises an error, the (sub)transaction's abort restores them.
+pub(crate) fn as_table_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    run_as(owner, true, None, f)
 }
 
 /// The search path of every statement the extension runs on its own behalf.
@@ -33,55 +34,48 @@ pub(crate) const PINNED_SEARCH_PATH: &CStr = c"pg_catalog, pg_temp";
 
 /// Runs `f` as the bootstrap superuser, which owns the extension's catalog tables, with a
 /// search path that no caller can have put objects of its own on.
-pub fn as_catalog_owner<R>(f: impl FnOnce() -> R) -> R {
-    run_as_with_search_path(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID), false, Some(PINNED_SEARCH_PATH), f)
+pub(crate) fn as_catalog_owner<R>(f: impl FnOnce() -> R) -> R {
+    run_as(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID), false, Some(PINNED_SEARCH_PATH), f)
+}
+
+/// Runs `f` as the current user with the pinned search path: for the extension's own SQL
+/// where PostgreSQL calls it with the user's settings (the object-access hook).
+pub(crate) fn with_pinned_search_path<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: reads the current user of this backend.
+    let user = unsafe { pg_sys::GetUserId() };
+    run_as(user, false, Some(PINNED_SEARCH_PATH), f)
 }
 
 /// Pins the search path of a background worker's session (see the module's rule). Owner
 /// code that the worker runs sees the same path, as with PostgreSQL's own logical
 /// replication workers: it cannot be redirected by objects of others either.
 pub(crate) fn pin_session_search_path() {
-    // SAFETY: sets a GUC of this backend from its main thread; both strings are static.
-    unsafe {
-        pg_sys::SetConfigOption(
-            c"search_path".as_ptr(),
-            PINNED_SEARCH_PATH.as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-        )
-    };
+    set_server_setting(c"search_path", PINNED_SEARCH_PATH, SettingScope::Session);
 }
 
-pub(crate) fn run_as_with_search_path<R>(
-    role: pg_sys::Oid,
-    restricted: bool,
-    search_path: Option<&CStr>,
-    f: impl FnOnce() -> R,
-) -> R {
+/// Runs `f` as `role`, with `search_path` if given, in a security-restricted operation if
+/// `restricted`; settings changed inside are undone when `f` returns.
+fn run_as<R>(role: pg_sys::Oid, restricted: bool, search_path: Option<&CStr>, f: impl FnOnce() -> R) -> R {
     let (mut user, mut context) = (pg_sys::Oid::INVALID, 0);
     let mut flags = pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32;
     if restricted {
         flags |= pg_sys::SECURITY_RESTRICTED_OPERATION as i32;
     }
+    // SAFETY: on the main thread inside a transaction, as PostgreSQL's own callers of
+    // SetUserIdAndSecContext do (e.g. ExecRefreshMatView): the out-pointers are live locals.
+    // The nest level and user are restored below, or by the (sub)transaction abort.
     let nest_level = unsafe {
         pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
         pg_sys::SetUserIdAndSecContext(role, context | flags);
-        let nest_level = pg_sys::NewGUCNestLevel();
-        if let Some(path) = search_path {
-            pg_sys::set_config_option(
-                c"search_path".as_ptr(),
-                path.as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_SAVE,
-                true,
-                0,
-                false,
-            );
-        }
-        nest_level
+        pg_sys::NewGUCNestLevel()
     };
+    if let Some(path) = search_path {
+        set_server_setting(c"search_path", path, SettingScope::NestLevel);
+    }
     let result = f();
+    // SAFETY: same thread and transaction as above; `nest_level` is the level opened above
+    // (an `f` that raised an error never gets here), so AtEOXact_GUC(false) undoes exactly
+    // the settings changed since, and the saved user and context are put back.
     unsafe {
         pg_sys::AtEOXact_GUC(false, nest_level);
         pg_sys::SetUserIdAndSecContext(user, context);

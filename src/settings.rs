@@ -108,3 +108,41 @@ pub fn metadata_refresh() -> Duration {
 pub fn consumer_queue_kbytes() -> i32 {
     CONSUMER_QUEUE_KBYTES.get()
 }
+
+/// How long a value set by [`set_server_setting`] lasts.
+#[derive(Clone, Copy)]
+pub(crate) enum SettingScope {
+    /// The rest of the session, over any role or database default (`ALTER ROLE ... SET`).
+    Session,
+    /// Until the current transaction ends (`SET LOCAL`).
+    Transaction,
+    /// Until the GUC nest level the caller opened is closed (`AtEOXact_GUC`).
+    NestLevel,
+}
+
+/// Sets one of PostgreSQL's own settings in this backend. A value the setting rejects
+/// raises an ERROR.
+pub(crate) fn set_server_setting(name: &std::ffi::CStr, value: &std::ffi::CStr, scope: SettingScope) {
+    let (context, source, action) = match scope {
+        SettingScope::Session => (
+            pgrx::pg_sys::GucContext::PGC_SUSET,
+            pgrx::pg_sys::GucSource::PGC_S_OVERRIDE,
+            pgrx::pg_sys::GucAction::GUC_ACTION_SET,
+        ),
+        SettingScope::Transaction => (
+            pgrx::pg_sys::GucContext::PGC_USERSET,
+            pgrx::pg_sys::GucSource::PGC_S_SESSION,
+            pgrx::pg_sys::GucAction::GUC_ACTION_LOCAL,
+        ),
+        SettingScope::NestLevel => (
+            pgrx::pg_sys::GucContext::PGC_USERSET,
+            pgrx::pg_sys::GucSource::PGC_S_SESSION,
+            pgrx::pg_sys::GucAction::GUC_ACTION_SAVE,
+        ),
+    };
+    // SAFETY: called on the backend's main thread; both strings are NUL-terminated and
+    // outlive the call, which copies them; elevel 0 makes a rejected value an ERROR.
+    unsafe {
+        pgrx::pg_sys::set_config_option(name.as_ptr(), value.as_ptr(), context, source, action, true, 0, false);
+    }
+}

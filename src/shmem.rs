@@ -125,6 +125,8 @@ impl WorkerSlot {
         }
         self.last_error[..end].copy_from_slice(&message.as_bytes()[..end]);
         self.last_error_len = end as u16;
+        // SAFETY: GetCurrentTimestamp only reads the clock and cannot raise an error, so it is
+        // fine under the registry lock (callers run this inside `update`).
         self.last_error_at = unsafe { pg_sys::GetCurrentTimestamp() };
     }
 
@@ -171,7 +173,13 @@ impl PendingSlotDrop {
 }
 
 pub struct Registry {
-    /// The launcher's process latch (an address in shared memory), 0 while none runs.
+    /// The launcher's process latch, `&MyProc->procLatch`, 0 while none runs. Kept as an
+    /// integer, not a pointer, so that the registry holds no pointers; only
+    /// [`wake_launcher`] turns it back into one. The address is valid in every backend: the
+    /// PGPROC array lives in the main shared-memory segment, which is mapped at the same
+    /// address in every process (children are forked from the postmaster; EXEC_BACKEND
+    /// builds re-attach it at the same address) and never freed while the server runs.
+    /// PostgreSQL keeps `Latch *` in shared memory the same way (ProcGlobal->walwriterLatch).
     launcher_latch: usize,
     next_generation: u64,
     slots: [WorkerSlot; MAX_WORKERS],
@@ -189,8 +197,17 @@ impl Default for Registry {
     }
 }
 
+// Registry is initialised from `Default` at shared-memory start-up and only ever written by
+// this code, so every enum field holds a valid discriminant; all access goes through the
+// PgLwLock below.
+// SAFETY: Registry is plain old data of fixed size (integers, bools, Oids, fieldless enums,
+// fixed arrays of `Copy` structs): no pointer, reference or heap allocation, so its bytes
+// mean the same in every process loading this library. The one address, the launcher's
+// latch, is stored as a `usize` and valid in every backend (see `launcher_latch`).
 unsafe impl PGRXSharedMemory for Registry {}
 
+// SAFETY: PgLwLock::new requires a name no other lock or shared-memory segment uses; this
+// one is prefixed with the extension's name and used only here.
 static REGISTRY: PgLwLock<Registry> = unsafe { PgLwLock::new(c"pg_kafka_bridge_registry") };
 
 pub fn init() {
@@ -229,9 +246,11 @@ pub fn claim(kind: WorkerKind, object_id: i32, worker_index: i32) -> Option<Slot
         in_use: true,
         generation,
         kind,
+        // SAFETY: a plain Oid set once when the launcher connected; read on its main thread.
         database: unsafe { pg_sys::MyDatabaseId },
         object_id,
         worker_index,
+        // SAFETY: only reads the clock; cannot raise an error while the registry lock is held.
         started_at: unsafe { pg_sys::GetCurrentTimestamp() },
         ..WorkerSlot::EMPTY
     };
@@ -272,6 +291,13 @@ pub fn set_launcher_latch(latch: *mut pg_sys::Latch) {
 pub fn wake_launcher() {
     let latch = REGISTRY.share().launcher_latch;
     if latch != 0 {
+        // The launcher clears the value (`forget_launcher_latch`) before ProcKill frees its
+        // PGPROC, and a crash restart re-creates the registry with 0. If the launcher exits
+        // between the read above and SetLatch, the PGPROC may already serve another process:
+        // that only wakes it spuriously, which every latch user tolerates.
+        // SAFETY: a non-zero value is the launcher's `&MyProc->procLatch`, a latch in shared
+        // memory at the same address in every backend (see `Registry::launcher_latch`), and
+        // SetLatch may be called on another process's latch from any backend's main thread.
         unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
     }
 }
@@ -284,7 +310,8 @@ pub(crate) fn drop_slot_at_end_of_transaction(slot: &str, when: DropWhen) -> boo
     let mut name = [0; SLOT_NAME_LEN];
     let slot_len = slot.len().min(SLOT_NAME_LEN);
     name[..slot_len].copy_from_slice(&slot.as_bytes()[..slot_len]);
-    // SAFETY: called inside a transaction, which may be given an id (it writes anyway).
+    // SAFETY: called on the main thread inside a transaction, which may be given an id (it
+    // writes anyway); called before taking the registry lock, since it can raise an error.
     let xid = unsafe { pg_sys::GetCurrentTransactionId() };
     let entry = PendingSlotDrop { xid, when, slot: name, slot_len: slot_len as u8 };
     let mut reg = REGISTRY.exclusive();

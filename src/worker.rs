@@ -16,15 +16,28 @@ use std::time::{Duration, Instant};
 /// worker meanwhile, in which case the process should just exit.
 pub fn attach(database: &str) -> Option<SlotId> {
     install_signal_handlers();
+    // SAFETY: only the workers' entry points (`pg_kafka_bridge_{subscription,publication}_main`)
+    // call this, on the main thread of a background worker, where the postmaster set
+    // MyBgworkerEntry to this worker's (non-NULL) registration before calling the entry
+    // point. The launcher filled `bgw_extra` with `SlotId::encode()` (at most 23 bytes) and
+    // pgrx zero-fills the rest of the 128-byte array, so it holds a NUL terminator.
     let extra = unsafe { CStr::from_ptr((*pg_sys::MyBgworkerEntry).bgw_extra.as_ptr()) };
     let id = SlotId::decode(extra.to_str().ok()?)?;
+    // SAFETY: MyProcPid is a plain int the process sets once at start-up; read on the main thread.
     let pid = unsafe { pg_sys::MyProcPid };
     shmem::update(id, |slot| slot.pid = pid)?;
     ATTACHED_SLOT.set(id).ok()?;
+    // SAFETY: registers a `'static` callback with a dummy argument, on the main thread; done
+    // once per process (ATTACHED_SLOT.set above fails on a second call), so it stays far
+    // below PostgreSQL's MAX_ON_EXITS.
     unsafe {
         pg_sys::on_shmem_exit(Some(release_slot_at_exit), pg_sys::Datum::from(0));
     }
     let db = std::ffi::CString::new(database).ok()?;
+    // SAFETY: called once, on the main thread of a background worker registered with
+    // BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION (`enable_spi_access()` in
+    // the launcher); `db` is a NUL-terminated string alive for the call, a NULL user name
+    // means the bootstrap superuser, and an unknown database raises an ERROR (no UB).
     unsafe { pg_sys::BackgroundWorkerInitializeConnection(db.as_ptr(), std::ptr::null(), 0) };
     crate::security::pin_session_search_path();
     Some(id)
@@ -38,6 +51,15 @@ pub fn attach_with_slot(database: &str) -> Option<(SlotId, shmem::WorkerSlot)> {
 
 static ATTACHED_SLOT: OnceLock<SlotId> = OnceLock::new();
 
+/// Frees the worker's shared-memory slot when the process exits. It runs before `ProcKill`
+/// (registered earlier by `InitProcess`; on_shmem_exit callbacks run in reverse order), so
+/// LWLocks still work. The registry lock cannot already be held by this process here:
+/// LWLockAcquire holds interrupts, and nothing run under that lock can raise an error.
+///
+/// # Safety
+///
+/// Only PostgreSQL calls it, from `shmem_exit()` in `proc_exit()`, on the main thread, with
+/// the exit code and the dummy argument registered in [`attach`] (neither dereferenced).
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn release_slot_at_exit(_code: i32, _arg: pg_sys::Datum) {
     if let Some(id) = ATTACHED_SLOT.get() {
@@ -48,6 +70,11 @@ unsafe extern "C-unwind" fn release_slot_at_exit(_code: i32, _arg: pg_sys::Datum
 /// SIGTERM ends the worker at the next interrupt check (between batches, or inside a long
 /// statement); SIGHUP reloads the configuration at the next check.
 pub fn install_signal_handlers() {
+    // SAFETY: called first thing in a background worker's entry point, on its main thread
+    // and before any other thread exists. `die` and `SignalHandlerForConfigReload` are
+    // PostgreSQL's own async-signal-safe handlers (they only set flags and the latch), the
+    // ones its logical replication workers install; the postmaster starts workers with
+    // signals blocked and BackgroundWorkerUnblockSignals lifts that once they are in place.
     unsafe {
         pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(die));
         pg_sys::pqsignal(pg_sys::SIGHUP as i32, Some(SignalHandlerForConfigReload));
@@ -56,6 +83,10 @@ pub fn install_signal_handlers() {
 }
 
 // PostgreSQL's own handlers, installed as they are (pgrx only exposes guarded wrappers).
+// SAFETY: the signatures match the server's prototypes `void die(SIGNAL_ARGS)`
+// (tcop/tcopprot.h) and `void SignalHandlerForConfigReload(SIGNAL_ARGS)`
+// (postmaster/interrupt.h), SIGNAL_ARGS being `int postgres_signal_arg`. They are only
+// passed to pqsignal, never called from Rust.
 extern "C-unwind" {
     fn die(signal: std::ffi::c_int);
     fn SignalHandlerForConfigReload(signal: std::ffi::c_int);
@@ -70,6 +101,10 @@ pub fn check_interrupts() {
 /// Handles pending signals: exits on SIGTERM, reloads the configuration on SIGHUP.
 pub fn check_signals() {
     pg_sys::check_for_interrupts!();
+    // SAFETY: on the main thread, the only one that runs PostgreSQL's signal handlers (the
+    // prefetch and librdkafka threads block all signals): ConfigReloadPending is the flag that
+    // SignalHandlerForConfigReload sets, and ProcessConfigFile(PGC_SIGHUP) is what
+    // PostgreSQL's own workers call from their main loops, outside any critical section.
     unsafe {
         if pg_sys::ConfigReloadPending != 0 {
             pg_sys::ConfigReloadPending = 0;
@@ -80,6 +115,10 @@ pub fn check_signals() {
 
 /// Sleeps on the process latch for up to `timeout`; signals cut the sleep short.
 pub fn sleep(timeout: Duration) {
+    // SAFETY: on the main thread of a process with a PGPROC, where MyLatch points to the
+    // process latch that InitProcess owns (in shared memory, valid for the process's life);
+    // the timeout is clamped to the C `long` WaitLatch takes. Resetting the latch before
+    // checking for work (check_signals) is the pattern latch.h prescribes.
     unsafe {
         pg_sys::WaitLatch(
             pg_sys::MyLatch,
@@ -95,6 +134,9 @@ pub fn sleep(timeout: Duration) {
 /// Runs `body` in a transaction of its own. The transaction commits if `body` returns `Ok`
 /// and rolls back if it returns `Err` or raises a PostgreSQL error, which comes back as `Err`.
 pub fn transaction<R>(body: impl FnOnce() -> Result<R>) -> Result<R> {
+    // SAFETY: on a worker's main thread after BackgroundWorkerInitializeConnection, outside
+    // any transaction (workers call this from their loops, between transactions).
+    // GetTransactionSnapshot returns a static snapshot that PushActiveSnapshot copies.
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
@@ -103,6 +145,8 @@ pub fn transaction<R>(body: impl FnOnce() -> Result<R>) -> Result<R> {
     // The commit is inside the catch: a check deferred to commit may still fail.
     let outcome = catch(|| {
         let result = body()?;
+        // SAFETY: pops the snapshot pushed above (the body's SPI use leaves the active
+        // snapshot stack as it found it) and commits the transaction started above.
         unsafe {
             pg_sys::PopActiveSnapshot();
             pg_sys::CommitTransactionCommand();
@@ -110,6 +154,9 @@ pub fn transaction<R>(body: impl FnOnce() -> Result<R>) -> Result<R> {
         Ok(result)
     });
     if outcome.is_err() {
+        // SAFETY: the error has been caught and flushed (pgrx's FFI boundary calls
+        // FlushErrorState); AbortCurrentTransaction cleans up whatever state the body or a
+        // failed commit left, and releases the snapshot, locks and memory.
         unsafe { pg_sys::AbortCurrentTransaction() };
     }
     outcome
@@ -118,9 +165,16 @@ pub fn transaction<R>(body: impl FnOnce() -> Result<R>) -> Result<R> {
 /// Runs `body` in a subtransaction of the current transaction; on `Err` (or a PostgreSQL
 /// error) only the subtransaction's work is undone.
 pub fn subtransaction<R>(body: impl FnOnce() -> Result<R>) -> Result<R> {
+    // SAFETY: plain reads of two backend globals on the main thread; the values belong to
+    // the enclosing transaction and stay valid until it ends, after this function returns.
     let (memory_context, resource_owner) = unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
+    // SAFETY: called inside a transaction (callers run in `transaction`); a NULL name is
+    // allowed. It switches to the subtransaction's memory context and resource owner.
     unsafe { pg_sys::BeginInternalSubTransaction(std::ptr::null()) };
     let outcome = catch(body);
+    // SAFETY: ends the subtransaction begun above (any error in it has been caught and
+    // flushed), then restores the outer transaction's memory context and resource owner,
+    // still alive, exactly as PL/pgSQL does after an exception block (pl_exec.c).
     unsafe {
         if outcome.is_ok() {
             pg_sys::ReleaseCurrentSubTransaction();
@@ -191,5 +245,15 @@ impl RateMeter {
             self.window_rows = 0;
             self.window_start = Instant::now();
         }
+    }
+}
+
+/// Shows which subscription or publication this worker serves, as
+/// `pg_stat_activity.application_name`.
+pub(crate) fn report_application_name(name: &str) {
+    if let Ok(name) = std::ffi::CString::new(name) {
+        // SAFETY: on the worker's main thread; `name` is NUL-terminated and alive for the
+        // call, which copies it (truncated to NAMEDATALEN) into this backend's status entry.
+        unsafe { pg_sys::pgstat_report_appname(name.as_ptr()) };
     }
 }

@@ -11,6 +11,11 @@ use pgrx::prelude::*;
 /// Warns when the current database is not the one whose objects the workers serve.
 fn warn_if_workers_run_elsewhere(kind: &str, name: &str) {
     let database = crate::settings::database();
+    // SAFETY: called from SQL functions, on the backend's main thread inside a transaction
+    // (get_database_name reads the syscache). It returns NULL only for a database that does
+    // not exist, and MyDatabaseId is the database this backend is connected to, which DROP
+    // DATABASE refuses to remove while anyone is (CountOtherDBBackends): so the result is a
+    // non-NULL palloc'd NUL-terminated copy, valid until the memory context is reset.
     let current = unsafe { std::ffi::CStr::from_ptr(pg_sys::get_database_name(pg_sys::MyDatabaseId)) }
         .to_string_lossy()
         .into_owned();
@@ -33,6 +38,9 @@ fn check_topic_name(topic: &str) -> Result<()> {
 
 /// Fails unless `caller` has the privileges of `owner`, the owner of object `name`.
 fn check_owner(caller: pg_sys::Oid, owner: pg_sys::Oid, kind: &str, name: &str) -> Result<()> {
+    // SAFETY: a role-membership lookup by OID (syscache, membership cache) on the main
+    // thread inside the calling transaction; takes and returns plain values, and an unknown
+    // role simply has no privileges.
     if unsafe { pg_sys::has_privs_of_role(caller, owner) } {
         Ok(())
     } else {

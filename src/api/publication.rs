@@ -24,10 +24,13 @@ fn create_publication(
     options: default!(JsonB, "'{}'"),
     progress_topic: default!(Option<&str>, "NULL"),
 ) {
+    // SAFETY: GetUserId reads the current user, set in every backend once it is connected.
     let caller = unsafe { pg_sys::GetUserId() };
     let mut oids: Vec<pg_sys::Oid> = Vec::new();
     for oid in tables {
         // Regclass values name existing tables; the lock keeps them until the end.
+        // SAFETY: with_lock asks for a real lock mode (not NoLock), so relation_open locks
+        // the relation itself and raises an ERROR for an OID that names no relation.
         let table = unsafe { PgRelation::with_lock(oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
         check_publishable(&table, topic, caller).or_raise();
         if !oids.contains(&oid) {
@@ -82,6 +85,8 @@ fn validate(p: &Publication) -> Result<()> {
     }
     super::check_topic_name(&p.progress_topic)?;
     Options::for_owner(&p.options, p.owner)?;
+    // SAFETY: a plain int GUC variable (PGC_POSTMASTER, so fixed since start-up), read on
+    // the backend's main thread.
     let wal_level = unsafe { pg_sys::wal_level };
     if wal_level < pg_sys::WalLevel::WAL_LEVEL_LOGICAL as i32 {
         return Err(BridgeError::NotInPrerequisiteState(
@@ -96,6 +101,8 @@ fn validate(p: &Publication) -> Result<()> {
 fn check_publishable(table: &PgRelation, template: &str, caller: pg_sys::Oid) -> Result<()> {
     let invalid = |m: String| Err(BridgeError::InvalidParameter(m));
     let quoted = format!("{}.{}", spi::quote_identifier(table.namespace()), spi::quote_identifier(table.name()));
+    // SAFETY: `table` is open and locked, so rd_rel points to its relcache entry's pg_class
+    // row, valid until the relation is closed (when `table` is dropped); only read here.
     let (relkind, persistence, identity) = unsafe {
         let rel = &*table.rd_rel;
         (rel.relkind as u8, rel.relpersistence as u8, rel.relreplident as u8)
@@ -161,6 +168,7 @@ fn drop_publication(name: &str) {
 
 /// Looks up a publication the caller owns, locks it and applies `change`.
 fn change_publication<R>(name: &str, change: impl FnOnce(&Publication) -> Result<R>) -> Result<R> {
+    // SAFETY: GetUserId reads the current user, set in every backend once it is connected.
     let caller = unsafe { pg_sys::GetUserId() };
     as_catalog_owner(|| {
         let publication = Publication::by_name_for_update(name)?;
@@ -184,6 +192,9 @@ fn send_bytea(publication: &str, topic: &str, key: Option<&[u8]>, value: Option<
 }
 
 // Exported by the server, not declared by pgrx's bindings.
+// SAFETY: matches PostgreSQL 15's prototype in replication/message.h: `XLogRecPtr
+// LogLogicalMessage(const char *prefix, const char *message, size_t size, bool
+// transactional)` (PostgreSQL 17 adds a `flush` argument: revisit when porting).
 extern "C-unwind" {
     fn LogLogicalMessage(
         prefix: *const std::ffi::c_char,
@@ -195,11 +206,21 @@ extern "C-unwind" {
 
 fn send(publication: &str, topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) -> Result<()> {
     super::check_topic_name(topic)?;
+    // SAFETY: GetUserId reads the current user, set in every backend once it is connected.
     let caller = unsafe { pg_sys::GetUserId() };
     let found = as_catalog_owner(|| Publication::by_name(publication))?;
     super::check_owner(caller, found.owner, "publication", publication)?;
     let message = Outgoing { publication_id: found.id, topic, key, value }.encode();
     let prefix = std::ffi::CString::new(outbox::PREFIX).expect("no NUL in the prefix");
-    unsafe { LogLogicalMessage(prefix.as_ptr(), message.as_ptr().cast(), message.len(), true) };
+    // SAFETY: on the backend's main thread inside the caller's transaction (transactional
+    // messages get its xid); `prefix` is NUL-terminated and `message` is `message.len()`
+    // readable bytes, both alive for the call, which copies them into the WAL record. The
+    // FFI guard turns an ERROR raised inside (no xid during recovery, say) into a Rust
+    // unwind, so this frame's destructors run.
+    unsafe {
+        pg_sys::ffi::pg_guard_ffi_boundary(|| {
+            LogLogicalMessage(prefix.as_ptr(), message.as_ptr().cast(), message.len(), true)
+        })
+    };
     Ok(())
 }

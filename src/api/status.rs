@@ -11,6 +11,7 @@ fn timestamp(t: pg_sys::TimestampTz) -> Option<TimestampWithTimeZone> {
 
 /// Slots of the current database's workers of one kind.
 fn slots_of(kind: WorkerKind) -> impl Iterator<Item = WorkerSlot> {
+    // SAFETY: a plain Oid set once when this backend connected; read on its main thread.
     let database = unsafe { pg_sys::MyDatabaseId };
     shmem::snapshot().into_iter().map(|(_, s)| s).filter(move |s| s.database == database && s.kind == kind)
 }
@@ -26,7 +27,8 @@ fn visible_error(slot: &WorkerSlot) -> Option<String> {
         query_optional::<pg_sys::Oid>(&format!("SELECT owner FROM {catalog} WHERE id = $1"), &[slot.object_id.into()])
             .ok()
             .flatten()?;
-    // SAFETY: a role membership lookup inside the calling transaction.
+    // SAFETY: GetUserId reads the current user; has_privs_of_role is a role-membership
+    // lookup by OID on the main thread inside the calling transaction, plain values only.
     let owners_role = unsafe { pg_sys::has_privs_of_role(pg_sys::GetUserId(), owner) };
     owners_role.then(|| slot.last_error()).flatten()
 }

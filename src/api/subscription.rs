@@ -2,7 +2,7 @@
 
 use crate::catalog::Subscription;
 use crate::error::{BridgeError, OrRaise, Result};
-use crate::format::{Format, Mode};
+use crate::format::{Format, Mode, StartFrom};
 use crate::kafka::Options;
 use crate::launcher;
 use crate::security::as_catalog_owner;
@@ -31,19 +31,22 @@ fn create_subscription(
     workers: default!(i32, 1),
     options: default!(JsonB, "'{}'"),
 ) {
+    // SAFETY: GetUserId reads the current user, set in every backend once it is connected.
     let caller = unsafe { pg_sys::GetUserId() };
+    let brokers = brokers.trim();
+    check_names(name, brokers, topic).or_raise();
     let subscription = Subscription {
         id: 0,
         name: name.to_owned(),
         owner: caller,
-        brokers: brokers.trim().to_owned(),
+        brokers: brokers.to_owned(),
         topic: topic.to_owned(),
         target_schema: target.namespace().to_owned(),
         target_table: target.name().to_owned(),
-        format: format.to_owned(),
-        mode: mode.to_owned(),
+        format: choice(format, Format::parse, "format", Format::NAMES).or_raise(),
+        mode: choice(mode, Mode::parse, "mode", Mode::NAMES).or_raise(),
         key_columns,
-        start_from: start_from.to_owned(),
+        start_from: choice(start_from, StartFrom::parse, "start_from", StartFrom::NAMES).or_raise(),
         batch_size,
         batch_timeout_ms,
         workers,
@@ -56,28 +59,27 @@ fn create_subscription(
     super::warn_if_workers_run_elsewhere("subscription", name);
 }
 
+fn check_names(name: &str, brokers: &str, topic: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 63 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+        return Err(BridgeError::InvalidParameter(format!(
+            "invalid subscription name \"{name}\": use 1 to 63 letters, digits, '_', '.' or '-'"
+        )));
+    }
+    if brokers.is_empty() {
+        return Err(BridgeError::InvalidParameter("brokers must name at least one host:port".into()));
+    }
+    super::check_topic_name(topic)
+}
+
+/// One of the values a text argument may take, or an error that lists them.
+fn choice<T>(value: &str, parse: fn(&str) -> Option<T>, argument: &str, names: &str) -> Result<T> {
+    parse(value)
+        .ok_or_else(|| BridgeError::InvalidParameter(format!("unknown {argument} \"{value}\": use {names}")))
+}
+
 fn validate(s: &Subscription, target: &PgRelation) -> Result<()> {
     let invalid = |m: String| Err(BridgeError::InvalidParameter(m));
-    if s.name.is_empty() || s.name.len() > 63 || !s.name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
-    {
-        return invalid(format!(
-            "invalid subscription name \"{}\": use 1 to 63 letters, digits, '_', '.' or '-'",
-            s.name
-        ));
-    }
-    if s.brokers.is_empty() {
-        return invalid("brokers must name at least one host:port".into());
-    }
-    super::check_topic_name(&s.topic)?;
-    let Some(format) = Format::parse(&s.format) else {
-        return invalid(format!("unknown format \"{}\": use {}", s.format, Format::NAMES));
-    };
-    let Some(mode) = Mode::parse(&s.mode) else {
-        return invalid(format!("unknown mode \"{}\": use {}", s.mode, Mode::NAMES));
-    };
-    if s.start_from != "earliest" && s.start_from != "latest" {
-        return invalid(format!("unknown start_from \"{}\": use 'earliest' or 'latest'", s.start_from));
-    }
+    let (format, mode) = (s.format, s.mode);
     if !(1..=MAX_BATCH_SIZE).contains(&s.batch_size) {
         return invalid(format!("batch_size must be between 1 and {MAX_BATCH_SIZE}, not {}", s.batch_size));
     }
@@ -91,6 +93,8 @@ fn validate(s: &Subscription, target: &PgRelation) -> Result<()> {
         return invalid("key_columns applies to mode 'upsert' only".into());
     }
     Options::for_owner(&s.options, s.owner)?;
+    // SAFETY: pgrx opened `target` (a regclass argument) with AccessShareLock, so rd_rel
+    // points to its relcache entry's pg_class row until it is closed; only read here.
     let (relkind, persistence) = unsafe { ((*target.rd_rel).relkind as u8, (*target.rd_rel).relpersistence as u8) };
     if relkind != pg_sys::RELKIND_RELATION && relkind != pg_sys::RELKIND_PARTITIONED_TABLE {
         return invalid(format!("\"{}\" is not a table", target.name()));
@@ -123,6 +127,7 @@ fn drop_subscription(name: &str) {
 
 /// Applies `change` to a subscription the caller owns, then wakes the launcher at commit.
 fn change_subscription(name: &str, change: impl FnOnce(&Subscription) -> Result<()>) -> Result<()> {
+    // SAFETY: GetUserId reads the current user, set in every backend once it is connected.
     let caller = unsafe { pg_sys::GetUserId() };
     as_catalog_owner(|| {
         let subscription = Subscription::by_name_for_update(name)?;

@@ -5,7 +5,7 @@
 pub mod publication;
 
 use crate::error::{BridgeError, Result};
-use crate::format::Message;
+use crate::format::{Format, Message, Mode, StartFrom};
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::spi::{SpiClient, SpiHeapTupleData};
@@ -22,10 +22,10 @@ pub struct Subscription {
     pub topic: String,
     pub target_schema: String,
     pub target_table: String,
-    pub format: String,
-    pub mode: String,
+    pub format: Format,
+    pub mode: Mode,
     pub key_columns: Option<Vec<String>>,
-    pub start_from: String,
+    pub start_from: StartFrom,
     pub batch_size: i32,
     pub batch_timeout_ms: i32,
     pub workers: i32,
@@ -47,10 +47,10 @@ impl Subscription {
             topic: req(row, 5)?,
             target_schema: req(row, 6)?,
             target_table: req(row, 7)?,
-            format: req(row, 8)?,
-            mode: req(row, 9)?,
+            format: choice(row, 8, Format::parse)?,
+            mode: choice(row, 9, Mode::parse)?,
             key_columns: row.get(10)?,
-            start_from: req(row, 11)?,
+            start_from: choice(row, 11, StartFrom::parse)?,
             batch_size: req(row, 12)?,
             batch_timeout_ms: req(row, 13)?,
             workers: req(row, 14)?,
@@ -143,6 +143,16 @@ fn req<T: FromDatum + IntoDatum>(row: &SpiHeapTupleData, i: usize) -> Result<T> 
     row.get::<T>(i)?.ok_or_else(|| BridgeError::Postgres {
         sqlstate: PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
         message: format!("catalog column {i} is null"),
+    })
+}
+
+/// A text column of a catalog row holding one of the names `parse` knows (its CHECK
+/// constraint allows no other).
+fn choice<T>(row: &SpiHeapTupleData, i: usize, parse: fn(&str) -> Option<T>) -> Result<T> {
+    let text: String = req(row, i)?;
+    parse(&text).ok_or_else(|| BridgeError::Postgres {
+        sqlstate: PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        message: format!("catalog column {i} holds an unknown value \"{text}\""),
     })
 }
 
@@ -299,8 +309,10 @@ pub fn insert_dead_letter(
 
 /// The schema-qualified, quoted name of table `relid`, or `None` if it no longer exists.
 pub(crate) fn qualified_table_name(relid: pg_sys::Oid) -> Option<String> {
-    // SAFETY: syscache lookups by OID inside a transaction; each returns NULL when the
-    // object is missing and a palloc'd copy of the name otherwise.
+    // SAFETY: syscache lookups by OID on the main thread inside a transaction. The name
+    // lookups return NULL when the object is missing (get_rel_namespace returns InvalidOid,
+    // whose namespace name is NULL) and a palloc'd NUL-terminated copy otherwise; both
+    // pointers are checked before CStr::from_ptr reads them.
     unsafe {
         let table = pg_sys::get_rel_name(relid);
         let schema = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid));

@@ -90,7 +90,8 @@ impl Options {
 
 /// Whether `role` holds what PostgreSQL asks for the same power as a property of `access`.
 fn may_set(role: pg_sys::Oid, access: Access) -> bool {
-    // SAFETY: plain catalog lookups by OID; callers run inside a transaction.
+    // SAFETY: plain catalog lookups by OID (superuser_arg, has_privs_of_role) on the main
+    // thread; callers run inside a transaction. Plain values in and out, no pointers.
     unsafe {
         match access {
             Access::Open => true,
@@ -179,6 +180,9 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
         RawWaker::new(std::ptr::null(), &VTABLE)
     }
     static VTABLE: RawWakerVTable = RawWakerVTable::new(|_| raw(), |_| {}, |_| {}, |_| {});
+    // SAFETY: the RawWaker contract holds trivially: its data pointer is NULL and never
+    // read, clone returns an equal RawWaker, and wake/wake_by_ref/drop do nothing, which
+    // is thread-safe. The future is polled every 5 ms instead of relying on wake-ups.
     let waker = unsafe { Waker::from_raw(raw()) };
     let mut cx = Context::from_waker(&waker);
     let mut future = std::pin::pin!(future);

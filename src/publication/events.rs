@@ -8,6 +8,7 @@
 //! A TOASTed column that an update left unchanged is not in `after`: its name is listed in
 //! `unchanged_toast` instead.
 
+use crate::format::copy_text::civil_from_days;
 use pgrx::pg_sys;
 use std::collections::HashMap;
 use std::ffi::CStr;
@@ -125,6 +126,8 @@ struct TypeOutput {
 pub struct TypeCache(HashMap<pg_sys::Oid, TypeOutput>);
 
 impl TypeCache {
+    /// # Safety
+    /// Inside a transaction (catalog lookups), on the main thread; `type_oid` is a type.
     unsafe fn get(&mut self, type_oid: pg_sys::Oid) -> &TypeOutput {
         self.0.entry(type_oid).or_insert_with(|| {
             let (mut function_oid, mut is_varlena) = (pg_sys::Oid::INVALID, false);
@@ -231,6 +234,9 @@ impl EventWriter {
         self.value = out;
     }
 
+    /// # Safety
+    /// `tuple` is a tuple of `tupdesc`, both alive for the call (the reorder buffer's, during
+    /// a change callback); the current memory context is reset by the caller.
     unsafe fn write_row(
         &mut self,
         out: &mut Vec<u8>,
@@ -293,6 +299,9 @@ impl EventWriter {
 }
 
 /// The name of attribute `attribute` as a JSON string, from the cache when it has it.
+///
+/// # Safety
+/// `attribute` is an index of an attribute of `tupdesc`, a live tuple descriptor.
 unsafe fn push_column_name(out: &mut Vec<u8>, tupdesc: pg_sys::TupleDesc, info: &TableInfo, attribute: usize) {
     match info.column_names.get(attribute) {
         Some(name) => out.extend_from_slice(name),
@@ -303,12 +312,18 @@ unsafe fn push_column_name(out: &mut Vec<u8>, tupdesc: pg_sys::TupleDesc, info: 
     }
 }
 
+/// # Safety
+/// `datum` is a non-null value of the type whose output function `output` holds; the text
+/// is palloc'd in the current memory context and must not outlive its reset.
 unsafe fn output_text<'a>(output: &TypeOutput, datum: pg_sys::Datum) -> &'a [u8] {
     CStr::from_ptr(pg_sys::OutputFunctionCall(output.function, datum)).to_bytes()
 }
 
 /// Whether a varlena datum points to a value stored out of line that decoding did not see
 /// change: the reorder buffer leaves such pointers in place of unchanged TOASTed values.
+///
+/// # Safety
+/// `datum` is a non-null varlena value (at least two readable bytes).
 unsafe fn is_external_ondisk(datum: pg_sys::Datum) -> bool {
     let header = datum.cast_mut_ptr::<u8>();
     // A one-byte header of 0x01 marks an external pointer; the next byte is its tag.
@@ -339,16 +354,7 @@ pub fn iso_timestamp(t: pg_sys::TimestampTz) -> String {
     let micros = t.rem_euclid(1_000_000);
     let seconds = t.div_euclid(1_000_000) + POSTGRES_EPOCH_UNIX_SECONDS;
     let (days, secs_of_day) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day) = civil_from_days(days);
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z",
         secs_of_day / 3600,

@@ -2,11 +2,13 @@
 //! every committed change of its tables, and every `kafka.send()` message, in commit order
 //! with Kafka transactions (see [`publisher`] for why this is exactly once).
 
-pub mod decoder;
-pub mod events;
-pub mod outbox;
-pub mod publisher;
-pub mod slots;
+mod confirm;
+mod decoder;
+pub(crate) mod events;
+pub(crate) mod outbox;
+mod plugin;
+mod publisher;
+pub(crate) mod slots;
 
 use crate::catalog::publication::Publication;
 use crate::error::Result;
@@ -14,11 +16,10 @@ use crate::kafka::Options;
 use crate::settings;
 use crate::shmem::{self, SlotId, WorkerState};
 use crate::worker::{self, Backoff, RateMeter};
-use decoder::{Decoder, PluginState, Selection};
+use decoder::Decoder;
+use plugin::Selection;
 use pgrx::prelude::*;
-use publisher::{Publisher, SharedPublisher, MAX_KAFKA_TRANSACTION_AGE};
-use std::cell::RefCell;
-use std::rc::Rc;
+use publisher::{Publisher, MAX_KAFKA_TRANSACTION_AGE};
 use std::time::{Duration, Instant};
 
 /// Longest stretch of decoding between two looks at signals and the Kafka transaction.
@@ -58,16 +59,13 @@ impl PublicationWorker {
         let Some((publication, options)) = worker::transaction(|| self.load())? else {
             return Ok(());
         };
-        if let Ok(name) = std::ffi::CString::new(publication.name.as_str()) {
-            unsafe { pg_sys::pgstat_report_appname(name.as_ptr()) };
-        }
+        worker::report_application_name(&publication.name);
         pin_output_settings();
-        let publisher = Rc::new(RefCell::new(Publisher::connect(&publication, &options)?));
+        let publisher = Publisher::connect(&publication, &options)?;
         let mut meter = RateMeter::default();
         let mut reported_events = 0;
-        self.report(&publisher.borrow(), &mut meter, &mut reported_events);
-        let state = PluginState::new(Some(Selection::of(&publication)), Box::new(SharedPublisher(publisher.clone())));
-        let mut decoder = Decoder::open(&publication.slot_name, state)?;
+        self.report(&publisher, &mut meter, &mut reported_events);
+        let mut decoder = Decoder::open(&publication.slot_name, Selection::of(&publication), Box::new(publisher))?;
         shmem::update(self.id, |slot| slot.state = WorkerState::Running);
         let mut next_check = Instant::now() + settings::metadata_refresh();
         loop {
@@ -81,29 +79,26 @@ impl PublicationWorker {
                 next_check = Instant::now() + settings::metadata_refresh();
             }
             let caught_up = decoder.read(READ_BUDGET)?;
-            let mut p = publisher.borrow_mut();
+            let decoded_up_to = decoder.decoded_up_to();
+            let p = decoder.sink::<Publisher>();
             if p.has_open_transaction() && (caught_up || p.open_transaction_age() >= MAX_KAFKA_TRANSACTION_AGE) {
                 p.commit_transaction()?;
                 // The broker took a commit: an error it reported before has passed.
                 shmem::update(self.id, |slot| slot.state = WorkerState::Running);
             }
-            if let Some(lsn) = p.take_confirmable() {
-                decoder.confirm(lsn)?;
-            }
-            if caught_up && !p.has_open_transaction() {
-                // Nothing is waiting for Kafka: all decoded WAL is dealt with, whatever wrote
-                // it. This keeps the slot moving while the published tables are idle (its
-                // restart point follows at the next running-transactions record, which the
-                // background writer logs every 15 s while the server writes anything).
-                decoder.confirm(decoder.decoded_up_to())?;
-            }
+            // When idle, this is also the heartbeat that keeps the slot moving (its restart
+            // point follows at the next running-transactions record, which the background
+            // writer logs every 15 s while the server writes anything).
+            let confirm = p.confirmable(caught_up, decoded_up_to);
             // What the broker reports while nothing is to be published shows as the last
             // error; the state changes only when a commit fails.
             if let Some(e) = p.errors.take() {
                 shmem::update(self.id, |slot| slot.set_error(&format!("Kafka: {e}")));
             }
-            self.report(&p, &mut meter, &mut reported_events);
-            drop(p);
+            self.report(p, &mut meter, &mut reported_events);
+            if let Some(lsn) = confirm {
+                decoder.confirm(lsn)?;
+            }
             backoff.reset();
             if caught_up {
                 worker::sleep(IDLE_WAIT);
@@ -162,14 +157,6 @@ const OUTPUT_SETTINGS: [(&std::ffi::CStr, &std::ffi::CStr); 6] = [
 
 fn pin_output_settings() {
     for (name, value) in OUTPUT_SETTINGS {
-        // SAFETY: sets a GUC of this backend from its main thread; the strings are static.
-        unsafe {
-            pg_sys::SetConfigOption(
-                name.as_ptr(),
-                value.as_ptr(),
-                pg_sys::GucContext::PGC_SUSET,
-                pg_sys::GucSource::PGC_S_OVERRIDE,
-            )
-        };
+        settings::set_server_setting(name, value, settings::SettingScope::Session);
     }
 }

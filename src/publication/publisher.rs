@@ -7,7 +7,8 @@
 //! progress record, and skips every event at or before it. The slot's confirmed position
 //! only moves past a PostgreSQL transaction once all its events are committed to Kafka.
 
-use super::decoder::Sink;
+use super::confirm::ConfirmTracker;
+use super::plugin::Sink;
 use super::events::TxnInfo;
 use crate::catalog::publication::Publication;
 use crate::error::{BridgeError, Result};
@@ -20,8 +21,6 @@ use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
-use std::cell::RefCell;
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 /// Most events in one Kafka transaction; a larger PostgreSQL transaction spans several.
@@ -57,9 +56,8 @@ pub struct Publisher {
     /// Everything at or before this position is in Kafka already.
     committed: Option<Position>,
     open: Option<OpenTransaction>,
-    /// End LSN of the last PostgreSQL transaction whose events are all committed to Kafka
-    /// (or that had none), not yet confirmed to the slot.
-    confirmable: Option<u64>,
+    /// When the slot may be confirmed (the rule is written there).
+    confirm: ConfirmTracker,
     pub events_total: u64,
     pub last_commit_time: i64,
 }
@@ -68,8 +66,6 @@ struct OpenTransaction {
     opened_at: Instant,
     events: usize,
     last: Position,
-    /// End LSN of the last PostgreSQL transaction completed inside this Kafka transaction.
-    completed_end_lsn: Option<u64>,
 }
 
 impl Publisher {
@@ -99,7 +95,7 @@ impl Publisher {
             publication: publication.name.clone(),
             committed,
             open: None,
-            confirmable: None,
+            confirm: ConfirmTracker::default(),
             events_total: 0,
             last_commit_time: 0,
         })
@@ -117,9 +113,10 @@ impl Publisher {
         self.open.as_ref().map_or(Duration::ZERO, |t| t.opened_at.elapsed())
     }
 
-    /// The LSN up to which the slot may now be confirmed, once.
-    pub fn take_confirmable(&mut self) -> Option<u64> {
-        self.confirmable.take()
+    /// The LSN up to which the slot may now be confirmed, if it moved (see
+    /// [`ConfirmTracker`]).
+    pub(crate) fn confirmable(&mut self, caught_up: bool, decoded_up_to: u64) -> Option<u64> {
+        self.confirm.take(caught_up, decoded_up_to)
     }
 
     /// Commits the open Kafka transaction, with its progress record, if there is one.
@@ -141,13 +138,12 @@ impl Publisher {
             // The transaction is lost either way; what it held is published again by the
             // next session, which starts from the last committed progress.
             let _ = self.producer.abort_transaction(CALL_SLICE);
+            self.confirm.kafka_transaction_failed();
             let detail = self.errors.take().map(|d| format!(" ({d})")).unwrap_or_default();
             return Err(BridgeError::Kafka(format!("{e}{detail}")));
         }
         self.committed = Some(open.last);
-        if let Some(end) = open.completed_end_lsn {
-            self.confirmable = Some(end);
-        }
+        self.confirm.kafka_transaction_committed();
         Ok(())
     }
 
@@ -175,8 +171,8 @@ impl Publisher {
     fn begin_if_needed(&mut self, position: Position) -> Result<&mut OpenTransaction> {
         if self.open.is_none() {
             self.producer.begin_transaction()?;
-            self.open =
-                Some(OpenTransaction { opened_at: Instant::now(), events: 0, last: position, completed_end_lsn: None });
+            self.open = Some(OpenTransaction { opened_at: Instant::now(), events: 0, last: position });
+            self.confirm.kafka_transaction_opened();
         }
         Ok(self.open.as_mut().expect("just opened"))
     }
@@ -209,31 +205,19 @@ impl Sink for Publisher {
     }
 
     fn commit(&mut self, txn: &TxnInfo) -> Result<()> {
-        match self.open.as_mut() {
-            Some(open) => open.completed_end_lsn = Some(txn.end_lsn),
-            None => self.confirmable = Some(txn.end_lsn),
-        }
+        self.confirm.transaction_completed(txn.end_lsn);
         Ok(())
     }
-}
 
-/// The publisher as both the decoder's sink and the worker's handle on it.
-#[derive(Clone)]
-pub struct SharedPublisher(pub Rc<RefCell<Publisher>>);
-
-impl Sink for SharedPublisher {
-    fn event(&mut self, txn: &TxnInfo, seq: i64, topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) -> Result<()> {
-        self.0.borrow_mut().event(txn, seq, topic, key, value)
-    }
-
-    fn commit(&mut self, txn: &TxnInfo) -> Result<()> {
-        self.0.borrow_mut().commit(txn)
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 }
 
 /// Stable for the publication, and distinct for every server, database and publication
 /// (a publication dropped and created again under its name is another one).
 pub fn transactional_id(publication: &Publication) -> String {
+    // SAFETY: read-only backend globals, set before any worker code runs.
     let (system, database) = unsafe { (pgrx::pg_sys::GetSystemIdentifier(), pgrx::pg_sys::MyDatabaseId) };
     format!("pg_kafka_bridge.{system}.{}.{}", u32::from(database), publication.id)
 }

@@ -8,6 +8,7 @@
 //! database's OID, so that publications of the same name in two databases never share or
 //! drop each other's slot, and a slot of another database is never touched.
 
+use super::plugin::PLUGIN;
 use crate::catalog::query_optional;
 use crate::error::{BridgeError, Result};
 use crate::security;
@@ -20,8 +21,6 @@ use std::time::{Duration, Instant};
 /// How long `create_publication` waits for the launcher to drop a slot of the same name.
 const DROP_WAIT: Duration = Duration::from_secs(30);
 
-/// The output plugin's name, which is also the name of the extension's library.
-pub(crate) const PLUGIN: &str = "pg_kafka_bridge";
 /// Slot names: this prefix, the database's OID, `_`, the publication's name.
 const SLOT_PREFIX: &str = "pg_kafka_bridge_";
 /// Longest publication name: a slot name has at most 63 bytes, and an OID 10 digits.
@@ -226,6 +225,9 @@ pub(crate) fn install_drop_extension_hook() {
     }
 }
 
+/// # Safety
+/// Called by PostgreSQL's object-access machinery on the main thread, inside the
+/// transaction doing the access, with the arguments it passes on to the previous hook.
 #[pg_guard]
 unsafe extern "C-unwind" fn on_object_access(
     access: pg_sys::ObjectAccessType::Type,
@@ -245,8 +247,6 @@ unsafe extern "C-unwind" fn on_object_access(
     // is still there while its drop hook runs.
     let ours = unsafe { pg_sys::get_extension_oid(c"pg_kafka_bridge".as_ptr(), true) };
     if object_id == ours {
-        let caller = unsafe { pg_sys::GetUserId() };
-        security::run_as_with_search_path(caller, false, Some(security::PINNED_SEARCH_PATH), drop_all_at_commit)
-            .unwrap_or_else(|e| e.raise());
+        security::with_pinned_search_path(drop_all_at_commit).unwrap_or_else(|e| e.raise());
     }
 }

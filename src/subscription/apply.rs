@@ -8,8 +8,8 @@ use super::prefetch::Batch;
 use super::target::Target;
 use crate::catalog::{self, Subscription};
 use crate::error::{BridgeError, Result};
-use crate::format::{EncodedBatch, Mode, STAGING_ORDINAL, STAGING_TOMBSTONE};
-use crate::security::run_as;
+use crate::format::{EncodedBatch, Mode};
+use crate::security::as_table_owner;
 use crate::settings;
 use crate::worker;
 use pgrx::prelude::*;
@@ -33,6 +33,10 @@ pub struct BatchOutcome {
 }
 
 const STAGING_TABLE: &str = "pgkb_upsert_staging";
+/// The staging table's columns for the last two fields of an upsert line: the message's
+/// index in the batch, and whether it is a tombstone.
+const STAGING_ORDINAL: &str = "__pgkb_ordinal";
+const STAGING_TOMBSTONE: &str = "__pgkb_tombstone";
 
 pub struct Applier<'a> {
     subscription: &'a Subscription,
@@ -56,7 +60,10 @@ impl<'a> Applier<'a> {
         let batch = &messages.encoded;
         worker::transaction(|| {
             if !settings::subscription_synchronous_commit() {
-                commit_asynchronously();
+                // The commit returns before its WAL is flushed. Exactly once still holds: a
+                // crash can only lose the latest commits as a whole, rows and offsets
+                // together, and the worker reads those messages again.
+                settings::set_server_setting(c"synchronous_commit", c"off", settings::SettingScope::Transaction);
             }
             self.target.check_unchanged()?;
             // Privileges can be revoked, and row-level security enabled, while the worker runs.
@@ -114,39 +121,20 @@ impl<'a> Applier<'a> {
             let columns = batch.column_names(&self.target.shape, run.start);
             let text = batch.text(run.clone());
             match &self.staging {
-                None => {
-                    run_as(owner, true, || copy_rows(self.target.relid, &columns, text));
-                }
+                None => as_table_owner(owner, || copy_rows(self.target.relid, &columns, text)),
                 Some(staging) => {
-                    copy_rows(staging.relid, &columns, text);
+                    let staged: Vec<&str> = columns.iter().copied().chain([STAGING_ORDINAL, STAGING_TOMBSTONE]).collect();
+                    copy_rows(staging.relid, &staged, text);
                     let first = batch.rows[run.start].message as i32;
                     let last = batch.rows[run.end - 1].message as i32;
-                    let sql = upsert_sql(self.target, staging, &columns[..columns.len() - 2]);
-                    run_as(owner, true, || {
+                    let sql = upsert_sql(self.target, staging, &columns);
+                    as_table_owner(owner, || {
                         Spi::connect_mut(|client| client.update(&sql, None, &[first.into(), last.into()]).map(drop))
                     })?;
                 }
             }
         }
         Ok(())
-    }
-}
-
-/// Lets this transaction's commit return before its WAL is flushed (`SET LOCAL
-/// synchronous_commit = off`). Exactly once still holds: a crash can only lose the latest
-/// commits as a whole, rows and offsets together, and the worker reads those messages again.
-fn commit_asynchronously() {
-    unsafe {
-        pg_sys::set_config_option(
-            c"synchronous_commit".as_ptr(),
-            c"off".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_LOCAL,
-            true,
-            0,
-            false,
-        );
     }
 }
 
@@ -253,6 +241,8 @@ impl Staging {
 /// The writable columns' type names, and the type OIDs of the key columns.
 #[allow(clippy::type_complexity)]
 fn column_types(target: &Target) -> Result<(HashMap<String, String>, Vec<(String, pg_sys::Oid)>)> {
+    // SAFETY: with_lock asks for a real lock mode (not NoLock), so relation_open locks the
+    // table itself and raises an ERROR if it no longer exists.
     let relation = unsafe { PgRelation::with_lock(target.relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
     let keys: Vec<&str> = target.shape.key_column_names().collect();
     let mut types = HashMap::new();
@@ -270,7 +260,8 @@ fn column_types(target: &Target) -> Result<(HashMap<String, String>, Vec<(String
 /// `pg_catalog.bpchar`, not `character` (which would mean `character(1)`).
 fn qualified_type_name(type_oid: pg_sys::Oid) -> String {
     let flags = pg_sys::FORMAT_TYPE_TYPEMOD_GIVEN | pg_sys::FORMAT_TYPE_FORCE_QUALIFY;
-    // SAFETY: format_type_extended returns a palloc'd, NUL-terminated name for any type OID.
+    // SAFETY: format_type_extended returns a palloc'd, NUL-terminated name, never NULL:
+    // without FORMAT_TYPE_ALLOW_INVALID an unknown type OID raises an ERROR instead.
     let name = unsafe { std::ffi::CStr::from_ptr(pg_sys::format_type_extended(type_oid, -1, flags as u16)) };
     name.to_string_lossy().into_owned()
 }
@@ -280,9 +271,9 @@ fn qualified_type_name(type_oid: pg_sys::Oid) -> String {
 /// schema, and both sides cast to exactly its operand types, so that no other operator of
 /// that name and schema (one made for a domain over the type, say) can match better.
 fn key_match(key: &str, type_oid: pg_sys::Oid) -> Result<String> {
-    // SAFETY: lookup_type_cache returns a pointer into the type cache, valid for this
-    // transaction; only eq_opr is read. op_input_types fills both OIDs for an existing
-    // operator.
+    // SAFETY: lookup_type_cache never returns NULL (an unknown type raises an ERROR) and its
+    // entries live in CacheMemoryContext for the backend's life; only eq_opr is read.
+    // op_input_types writes both OIDs through pointers to live locals, or raises an ERROR.
     let (operator, left, right) = unsafe {
         let operator = (*pg_sys::lookup_type_cache(type_oid, pg_sys::TYPECACHE_EQ_OPR as i32)).eq_opr;
         let (mut left, mut right) = (type_oid, type_oid);

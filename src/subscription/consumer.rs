@@ -108,6 +108,9 @@ impl Source {
     pub fn cached_high_watermark(&self, partition: i32) -> Option<i64> {
         let topic = std::ffi::CString::new(self.topic.as_str()).ok()?;
         let (mut low, mut high) = (-1i64, -1i64);
+        // SAFETY: the client handle belongs to `self.consumer`, alive for the call; `topic`
+        // is a NUL-terminated string and `low`/`high` writable locals, all outliving it.
+        // librdkafka's function is thread-safe and only reads its cached offsets.
         let code = unsafe {
             rdkafka::bindings::rd_kafka_get_watermark_offsets(
                 self.consumer.client().native_ptr(),

@@ -13,12 +13,33 @@ thread_local! {
     static PENDING: Cell<(*const u8, usize)> = const { Cell::new((std::ptr::null(), 0)) };
 }
 
+/// Resets [`PENDING`] to `(null, 0)` when dropped, so that it never outlives the text it
+/// points to, also when `BeginCopyFrom` or `CopyFrom` raises an ERROR: pgrx turns it into a
+/// Rust panic that unwinds through `copy_rows`, running this drop.
+struct ClearPending;
+
+impl Drop for ClearPending {
+    fn drop(&mut self) {
+        PENDING.with(|p| p.set((std::ptr::null(), 0)));
+    }
+}
+
+/// COPY's data callback: hands out the next bytes of [`PENDING`].
+///
+/// # Safety
+///
+/// Only COPY calls it (CopyGetData, COPY_CALLBACK), during the `CopyFrom` of [`copy_rows`]
+/// on the same thread, with `outbuf` writable for `maxread` bytes.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn read_pending(outbuf: *mut std::ffi::c_void, _minread: i32, maxread: i32) -> i32 {
     PENDING.with(|pending| {
         let (data, len) = pending.get();
         let n = len.min(maxread.max(0) as usize);
         if n > 0 {
+            // SAFETY: n > 0, so PENDING holds the unread rest of `copy_rows`' `text` (`len`
+            // readable bytes, borrowed for the whole call); n <= maxread fits `outbuf`, a
+            // palloc'd COPY buffer that cannot overlap `text`; n <= len keeps `data + n`
+            // within `text` (or one past its end).
             unsafe {
                 std::ptr::copy_nonoverlapping(data, outbuf.cast::<u8>(), n);
                 pending.set((data.add(n), len - n));
@@ -29,12 +50,17 @@ unsafe extern "C-unwind" fn read_pending(outbuf: *mut std::ffi::c_void, _minread
 }
 
 /// COPYs `text` (COPY text format, UTF-8, lines for `columns` in that order) into the table,
-/// checking the current user's INSERT privilege as COPY does. Returns the rows written.
-pub fn copy_rows(relid: pg_sys::Oid, columns: &[&str], text: &[u8]) -> u64 {
+/// checking the current user's INSERT privilege as COPY does.
+pub(crate) fn copy_rows(relid: pg_sys::Oid, columns: &[&str], text: &[u8]) {
     if text.is_empty() {
-        return 0;
+        return;
     }
     let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
+    // SAFETY: on the main thread inside a (sub)transaction. table_open locks the table and
+    // raises an ERROR if it is gone; rd_att and the parse state's RTE stay valid until the
+    // table is closed and the parse state freed at the end. Every string handed over is
+    // pstrdup'd; PENDING points into `text`, borrowed for the whole call, and is cleared by
+    // `clear` on every exit. ExecCheckRTPerms raises an ERROR without INSERT, as DoCopy does.
     unsafe {
         let rel = pg_sys::table_open(relid, lock);
         let pstate = pg_sys::make_parsestate(std::ptr::null_mut());
@@ -64,6 +90,7 @@ pub fn copy_rows(relid: pg_sys::Oid, columns: &[&str], text: &[u8]) -> u64 {
         let options = pg_sys::lappend(std::ptr::null_mut(), encoding.cast());
 
         PENDING.with(|p| p.set((text.as_ptr(), text.len())));
+        let clear = ClearPending;
         let cstate = pg_sys::BeginCopyFrom(
             pstate,
             rel,
@@ -74,11 +101,10 @@ pub fn copy_rows(relid: pg_sys::Oid, columns: &[&str], text: &[u8]) -> u64 {
             names,
             options,
         );
-        let written = pg_sys::CopyFrom(cstate);
+        pg_sys::CopyFrom(cstate);
         pg_sys::EndCopyFrom(cstate);
-        PENDING.with(|p| p.set((std::ptr::null(), 0)));
+        drop(clear);
         pg_sys::free_parsestate(pstate);
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-        written
     }
 }

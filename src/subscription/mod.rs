@@ -10,7 +10,7 @@ pub mod target;
 
 use crate::catalog::{self, Subscription};
 use crate::error::{BridgeError, Result};
-use crate::format::{Format, Mode};
+use crate::format::StartFrom;
 use crate::kafka::Options;
 use crate::settings;
 use crate::shmem::{self, PartitionProgress, SlotId, WorkerState};
@@ -78,10 +78,7 @@ impl SubscriptionWorker {
         let Some((subscription, target, options)) = worker::transaction(|| self.load())? else {
             return Ok(SessionEnd::Exit);
         };
-        // pg_stat_activity.application_name tells which subscription a worker serves.
-        if let Ok(name) = std::ffi::CString::new(subscription.name.as_str()) {
-            unsafe { pg_sys::pgstat_report_appname(name.as_ptr()) };
-        }
+        worker::report_application_name(&subscription.name);
         let source = Arc::new(Source::connect(&subscription, &options)?);
         let all_partitions = source.partitions()?;
         let partitions = self.owned(&all_partitions, subscription.workers);
@@ -164,6 +161,9 @@ impl SubscriptionWorker {
             }
             // Flush the table statistics now and then (at most once a second), so that
             // autovacuum and autoanalyze see the worker's writes.
+            // SAFETY: on the worker's main thread, outside any transaction (the batch's own
+            // transaction has committed in `apply`), as pgstat_report_stat requires; takes and
+            // returns plain values.
             unsafe { pg_sys::pgstat_report_stat(false) };
             backoff.reset();
             let applied = outcome.rows + outcome.dead_letters;
@@ -214,17 +214,11 @@ impl SubscriptionWorker {
         if !subscription.enabled || self.worker_index >= subscription.workers {
             return Ok(None);
         }
-        let (Some(format), Some(mode)) = (Format::parse(&subscription.format), Mode::parse(&subscription.mode)) else {
-            return Err(BridgeError::NotInPrerequisiteState(format!(
-                "subscription \"{}\" has an unknown format or mode in the catalog",
-                subscription.name
-            )));
-        };
         let target = Target::open(
             &subscription.target_schema,
             &subscription.target_table,
-            format,
-            mode,
+            subscription.format,
+            subscription.mode,
             subscription.key_columns.as_deref(),
         )?;
         target.check_writable_by(subscription.owner)?;
@@ -253,7 +247,7 @@ impl SubscriptionWorker {
         })?;
         let mut missing = Vec::new();
         for &p in partitions.iter().filter(|p| !stored.contains_key(p)) {
-            let latest = subscription.start_from == "latest" && p < initial_partitions;
+            let latest = subscription.start_from == StartFrom::Latest && p < initial_partitions;
             missing.push((p, source.boundary(p, latest)?));
         }
         if !missing.is_empty() {

@@ -97,7 +97,11 @@ impl Prefetcher {
         let stop = reader.stop.clone();
         // The thread starts with every signal blocked, so that PostgreSQL's handlers (SIGTERM,
         // SIGHUP, latches) only ever run on the main thread.
+        // SAFETY: sigset_t is a plain C struct of integers, for which all zeroes is a valid
+        // value; pthread_sigmask overwrites it below anyway.
         let mut previous: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `all` is initialised by sigfillset before use, and both pointers are to live
+        // locals; pthread_sigmask changes only the calling (main) thread's mask.
         unsafe {
             let mut all: libc::sigset_t = std::mem::zeroed();
             libc::sigfillset(&mut all);
@@ -115,6 +119,8 @@ impl Prefetcher {
                 }
             })
             .expect("spawn the prefetch thread");
+        // SAFETY: `previous` holds the mask pthread_sigmask saved above; restores it on the
+        // main thread, the new thread keeping the all-blocked mask it inherited.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut()) };
         Prefetcher { batches: Some(batches), stop, thread: Some(thread) }
     }

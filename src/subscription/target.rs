@@ -89,6 +89,8 @@ impl Target {
         if self.shape.mode() == Mode::Upsert {
             needed |= (pg_sys::ACL_SELECT | pg_sys::ACL_UPDATE | pg_sys::ACL_DELETE) as pg_sys::AclMode;
         }
+        // SAFETY: a privilege lookup by OID on the main thread inside a transaction; plain
+        // values in and out (a table that no longer exists raises an ERROR).
         let granted = unsafe { pg_sys::pg_class_aclmask(self.relid, role, needed, pg_sys::AclMaskHow::ACLMASK_ALL) };
         if granted != needed {
             return Err(BridgeError::InsufficientPrivilege(format!(
@@ -97,6 +99,8 @@ impl Target {
                 self.quoted_name
             )));
         }
+        // SAFETY: a catalog lookup by OID on the main thread inside a transaction; plain
+        // values in and out, and with noError a missing table gives RLS_NONE.
         let rls = unsafe { pg_sys::check_enable_rls(self.relid, role, true) };
         if rls == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32 {
             return Err(BridgeError::NotInPrerequisiteState(format!(
@@ -138,6 +142,9 @@ fn writable_columns(relid: pg_sys::Oid) -> Result<Vec<ColumnInfo>> {
 /// Names and types of the writable columns, from the relation cache (cheap enough to run
 /// before every batch); `None` if the table is gone.
 fn column_signature(relid: pg_sys::Oid) -> Result<Option<String>> {
+    // SAFETY: on the main thread inside a transaction. try_relation_open returns NULL for a
+    // missing table (checked) or an open, locked relation whose rd_att stays valid until
+    // relation_close; the PgTupleDesc wrapper (no refcount release) is dropped before that.
     unsafe {
         // Taking the lock also processes pending invalidations, so the description is current.
         let rel = pg_sys::try_relation_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
