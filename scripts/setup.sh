@@ -20,6 +20,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The static checks of the test command need the toolchain's clippy and rustfmt.
+for component in clippy rustfmt; do
+  if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    log "installing the Rust component $component"
+    rustup component add "$component"
+  fi
+done
+
 if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
   log "installing cargo-pgrx $PGRX_VERSION (takes several minutes)"
   cargo install cargo-pgrx --version "=$PGRX_VERSION" --locked --quiet

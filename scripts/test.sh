@@ -16,6 +16,11 @@ source scripts/env.sh
 
 bash scripts/setup.sh
 
+echo "== static checks (formatting, clippy with warnings as errors, unsafe justified)"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
+bash scripts/check-unsafe.sh
+
 echo "== unit and SQL API tests (cargo pgrx test)"
 # The test run replaces the installed library in place: stop every cluster that preloads it.
 bash scripts/cluster.sh stop

@@ -6,7 +6,7 @@ use pgrx::pg_sys::panic::{CaughtError, ErrorReportWithLevel};
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 
 #[derive(Debug, thiserror::Error)]
-pub enum BridgeError {
+pub(crate) enum BridgeError {
     /// A SQL argument that is not acceptable.
     #[error("{0}")]
     InvalidParameter(String),
@@ -30,10 +30,10 @@ pub enum BridgeError {
     Postgres { sqlstate: PgSqlErrorCode, message: String },
 }
 
-pub type Result<T, E = BridgeError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = BridgeError> = std::result::Result<T, E>;
 
 impl BridgeError {
-    pub fn sqlstate(&self) -> PgSqlErrorCode {
+    pub(crate) fn sqlstate(&self) -> PgSqlErrorCode {
         use PgSqlErrorCode::*;
         match self {
             BridgeError::InvalidParameter(_) => ERRCODE_INVALID_PARAMETER_VALUE,
@@ -48,13 +48,13 @@ impl BridgeError {
     }
 
     /// Raises this error as a PostgreSQL `ERROR`; used only at the SQL boundary.
-    pub fn raise(self) -> ! {
+    pub(crate) fn raise(self) -> ! {
         pgrx::ereport!(PgLogLevel::ERROR, self.sqlstate(), self.to_string());
         unreachable!("ereport(ERROR) returns control")
     }
 
     /// Turns an error caught from PostgreSQL (or a Rust panic) back into a value.
-    pub fn from_caught(caught: CaughtError) -> Self {
+    pub(crate) fn from_caught(caught: CaughtError) -> Self {
         match caught {
             CaughtError::PostgresError(report) | CaughtError::ErrorReport(report) => report.into(),
             CaughtError::RustPanic { ereport, .. } => ereport.into(),
@@ -64,7 +64,7 @@ impl BridgeError {
     /// Whether the error is the fault of the row being written (bad value, constraint
     /// violation, rejected by a trigger), as opposed to the table, the server or the session.
     /// Only such errors may send a message to the dead-letter table.
-    pub fn is_row_error(&self) -> bool {
+    pub(crate) fn is_row_error(&self) -> bool {
         let BridgeError::Postgres { sqlstate, .. } = self else {
             return false;
         };
@@ -99,7 +99,7 @@ impl From<rdkafka::error::KafkaError> for BridgeError {
 }
 
 /// Unwraps a result at the SQL boundary, raising the error as a PostgreSQL `ERROR`.
-pub trait OrRaise<T> {
+pub(crate) trait OrRaise<T> {
     fn or_raise(self) -> T;
 }
 

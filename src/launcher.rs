@@ -19,7 +19,7 @@ const DROP_RETRY: Duration = Duration::from_millis(100);
 /// How long a worker that could not be started waits before the next attempt.
 const LAUNCH_RETRY: Duration = Duration::from_secs(5);
 
-pub fn register() {
+pub(crate) fn register() {
     BackgroundWorkerBuilder::new("pg_kafka_bridge launcher")
         .set_type("pg_kafka_bridge launcher")
         .set_library(LIBRARY)
@@ -51,7 +51,7 @@ pub extern "C-unwind" fn pg_kafka_bridge_launcher_main(_arg: pg_sys::Datum) {
     }
     let mut launcher = Launcher::default();
     loop {
-        worker::check_signals();
+        worker::check_interrupts_and_reload();
         launcher.reconcile();
         // After reconciling: the workers of dropped publications have been told to stop.
         let drops_waiting = slots::drop_pending();
@@ -188,7 +188,7 @@ struct WorkerKey {
 /// Wakes the launcher when the current transaction commits, so that a subscription or
 /// publication created, started or stopped in it takes effect at once, and one rolled back
 /// changes nothing.
-pub fn wake_at_commit() {
+pub(crate) fn wake_at_commit() {
     register_transaction_callback();
     WAKE_PENDING.store(true, Ordering::Relaxed);
 }

@@ -19,18 +19,18 @@
 
 use pgrx::prelude::*;
 
-pub mod api;
-pub mod catalog;
-pub mod error;
-pub mod format;
-pub mod kafka;
-pub mod launcher;
-pub mod publication;
-pub mod security;
-pub mod settings;
-pub mod shmem;
-pub mod subscription;
-pub mod worker;
+pub(crate) mod api;
+pub(crate) mod catalog;
+pub(crate) mod error;
+pub(crate) mod format;
+pub(crate) mod kafka;
+pub(crate) mod launcher;
+pub(crate) mod publication;
+pub(crate) mod security;
+pub(crate) mod settings;
+pub(crate) mod shmem;
+pub(crate) mod subscription;
+pub(crate) mod worker;
 
 ::pgrx::pg_module_magic!();
 

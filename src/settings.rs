@@ -13,7 +13,7 @@ static CONSUMER_QUEUE_KBYTES: GucSetting<i32> = GucSetting::<i32>::new(16_384);
 static PUBLISH_CONSUMER_OFFSETS: GucSetting<bool> = GucSetting::<bool>::new(false);
 static SUBSCRIPTION_SYNCHRONOUS_COMMIT: GucSetting<bool> = GucSetting::<bool>::new(false);
 
-pub fn define() {
+pub(crate) fn define() {
     GucRegistry::define_string_guc(
         c"pg_kafka_bridge.database",
         c"Database in which the launcher looks for subscriptions.",
@@ -81,31 +81,31 @@ pub fn define() {
     );
 }
 
-pub fn publish_consumer_offsets() -> bool {
+pub(crate) fn publish_consumer_offsets() -> bool {
     PUBLISH_CONSUMER_OFFSETS.get()
 }
 
-pub fn subscription_synchronous_commit() -> bool {
+pub(crate) fn subscription_synchronous_commit() -> bool {
     SUBSCRIPTION_SYNCHRONOUS_COMMIT.get()
 }
 
-pub fn database() -> String {
+pub(crate) fn database() -> String {
     DATABASE.get().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "postgres".into())
 }
 
-pub fn launcher_naptime() -> Duration {
+pub(crate) fn launcher_naptime() -> Duration {
     Duration::from_millis(LAUNCHER_NAPTIME_MS.get() as u64)
 }
 
-pub fn retry_backoff_max() -> Duration {
+pub(crate) fn retry_backoff_max() -> Duration {
     Duration::from_millis(RETRY_BACKOFF_MAX_MS.get() as u64)
 }
 
-pub fn metadata_refresh() -> Duration {
+pub(crate) fn metadata_refresh() -> Duration {
     Duration::from_millis(METADATA_REFRESH_MS.get() as u64)
 }
 
-pub fn consumer_queue_kbytes() -> i32 {
+pub(crate) fn consumer_queue_kbytes() -> i32 {
     CONSUMER_QUEUE_KBYTES.get()
 }
 

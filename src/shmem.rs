@@ -9,20 +9,20 @@ use pgrx::prelude::*;
 use pgrx::shmem::PGRXSharedMemory;
 
 /// Most workers that can run at once.
-pub const MAX_WORKERS: usize = 64;
+pub(crate) const MAX_WORKERS: usize = 64;
 /// Most partitions per worker whose progress the status view shows.
-pub const MAX_PARTITIONS_SHOWN: usize = 128;
+pub(crate) const MAX_PARTITIONS_SHOWN: usize = 128;
 const ERROR_TEXT_LEN: usize = 480;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord)]
 #[repr(u8)]
-pub enum WorkerKind {
+pub(crate) enum WorkerKind {
     Subscription = 1,
     Publication = 2,
 }
 
 impl WorkerKind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             WorkerKind::Subscription => "subscription",
             WorkerKind::Publication => "publication",
@@ -33,61 +33,61 @@ impl WorkerKind {
 /// What a worker is doing; only ever in memory.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[repr(u8)]
-pub enum WorkerState {
+pub(crate) enum WorkerState {
     /// Claimed by the launcher, process not yet reporting.
     Starting,
     /// Consuming and applying.
     Running,
     /// The last attempt failed; waiting to try again (see `last_error`).
-    Retrying,
+    Error,
     /// The launcher could not start the process (see `last_error`); it tries again later.
     LaunchFailed,
 }
 
 impl WorkerState {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             WorkerState::Starting => "starting",
             WorkerState::Running => "running",
-            WorkerState::Retrying => "error",
+            WorkerState::Error => "error",
             WorkerState::LaunchFailed => "failed to start",
         }
     }
 }
 
 #[derive(Clone, Copy, Default, Debug)]
-pub struct PartitionProgress {
-    pub partition: i32,
+pub(crate) struct PartitionProgress {
+    pub(crate) partition: i32,
     /// Next offset to consume, as last committed by this worker (-1: unknown yet).
-    pub next_offset: i64,
+    pub(crate) next_offset: i64,
     /// Broker's high watermark as last seen (-1: unknown yet).
-    pub high_watermark: i64,
+    pub(crate) high_watermark: i64,
 }
 
 #[derive(Clone, Copy)]
-pub struct WorkerSlot {
-    pub in_use: bool,
-    pub generation: u64,
-    pub kind: WorkerKind,
+pub(crate) struct WorkerSlot {
+    pub(crate) in_use: bool,
+    pub(crate) generation: u64,
+    pub(crate) kind: WorkerKind,
     /// Database of the catalog that `object_id` refers to.
-    pub database: pg_sys::Oid,
-    pub object_id: i32,
-    pub worker_index: i32,
-    pub pid: i32,
-    pub state: WorkerState,
-    pub started_at: pg_sys::TimestampTz,
-    pub rows_total: i64,
-    pub rows_per_second: f64,
-    pub last_error_at: pg_sys::TimestampTz,
+    pub(crate) database: pg_sys::Oid,
+    pub(crate) object_id: i32,
+    pub(crate) worker_index: i32,
+    pub(crate) pid: i32,
+    pub(crate) state: WorkerState,
+    pub(crate) started_at: pg_sys::TimestampTz,
+    pub(crate) processed_total: i64,
+    pub(crate) processed_per_second: f64,
+    pub(crate) last_error_at: pg_sys::TimestampTz,
     last_error: [u8; ERROR_TEXT_LEN],
     last_error_len: u16,
-    pub partition_count: u16,
-    pub partitions: [PartitionProgress; MAX_PARTITIONS_SHOWN],
+    pub(crate) partition_count: u16,
+    pub(crate) partitions: [PartitionProgress; MAX_PARTITIONS_SHOWN],
     /// Publications: position `(commit LSN, seq)` of the last event committed to Kafka.
-    pub published_lsn: u64,
-    pub published_seq: i64,
+    pub(crate) published_lsn: u64,
+    pub(crate) published_seq: i64,
     /// Publications: commit time of the transaction of that event.
-    pub published_commit_time: pg_sys::TimestampTz,
+    pub(crate) published_commit_time: pg_sys::TimestampTz,
 }
 
 impl WorkerSlot {
@@ -101,8 +101,8 @@ impl WorkerSlot {
         pid: 0,
         state: WorkerState::Starting,
         started_at: 0,
-        rows_total: 0,
-        rows_per_second: 0.0,
+        processed_total: 0,
+        processed_per_second: 0.0,
         last_error_at: 0,
         last_error: [0; ERROR_TEXT_LEN],
         last_error_len: 0,
@@ -113,12 +113,12 @@ impl WorkerSlot {
         published_commit_time: 0,
     };
 
-    pub fn last_error(&self) -> Option<String> {
+    pub(crate) fn last_error(&self) -> Option<String> {
         (self.last_error_len > 0)
             .then(|| String::from_utf8_lossy(&self.last_error[..self.last_error_len as usize]).into_owned())
     }
 
-    pub fn set_error(&mut self, message: &str) {
+    pub(crate) fn set_error(&mut self, message: &str) {
         let mut end = message.len().min(ERROR_TEXT_LEN);
         while !message.is_char_boundary(end) {
             end -= 1;
@@ -130,11 +130,11 @@ impl WorkerSlot {
         self.last_error_at = unsafe { pg_sys::GetCurrentTimestamp() };
     }
 
-    pub fn partitions(&self) -> &[PartitionProgress] {
+    pub(crate) fn partitions(&self) -> &[PartitionProgress] {
         &self.partitions[..self.partition_count as usize]
     }
 
-    pub fn set_partitions(&mut self, progress: impl Iterator<Item = PartitionProgress>) {
+    pub(crate) fn set_partitions(&mut self, progress: impl Iterator<Item = PartitionProgress>) {
         let mut n = 0;
         for (dst, src) in self.partitions.iter_mut().zip(progress) {
             *dst = src;
@@ -172,7 +172,7 @@ impl PendingSlotDrop {
     }
 }
 
-pub struct Registry {
+pub(crate) struct Registry {
     /// The launcher's process latch, `&MyProc->procLatch`, 0 while none runs. Kept as an
     /// integer, not a pointer, so that the registry holds no pointers; only
     /// [`wake_launcher`] turns it back into one. The address is valid in every backend: the
@@ -210,25 +210,25 @@ unsafe impl PGRXSharedMemory for Registry {}
 // one is prefixed with the extension's name and used only here.
 static REGISTRY: PgLwLock<Registry> = unsafe { PgLwLock::new(c"pg_kafka_bridge_registry") };
 
-pub fn init() {
+pub(crate) fn init() {
     pg_shmem_init!(REGISTRY);
 }
 
 /// Identifies one incarnation of a worker in its slot, so that a late update from a worker
 /// that has gone never lands in a slot that was handed to another.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct SlotId {
-    pub index: usize,
-    pub generation: u64,
+pub(crate) struct SlotId {
+    pub(crate) index: usize,
+    pub(crate) generation: u64,
 }
 
 impl SlotId {
     /// Encodes the id for a worker's `bgw_extra`.
-    pub fn encode(self) -> String {
+    pub(crate) fn encode(self) -> String {
         format!("{}:{}", self.index, self.generation)
     }
 
-    pub fn decode(s: &str) -> Option<SlotId> {
+    pub(crate) fn decode(s: &str) -> Option<SlotId> {
         let (index, generation) = s.split_once(':')?;
         let index = index.parse().ok().filter(|i| *i < MAX_WORKERS)?;
         Some(SlotId { index, generation: generation.parse().ok()? })
@@ -237,7 +237,7 @@ impl SlotId {
 
 /// Claims a free slot for a worker the launcher is about to start, for an object of the
 /// launcher's database.
-pub fn claim(kind: WorkerKind, object_id: i32, worker_index: i32) -> Option<SlotId> {
+pub(crate) fn claim(kind: WorkerKind, object_id: i32, worker_index: i32) -> Option<SlotId> {
     let mut reg = REGISTRY.exclusive();
     let generation = reg.next_generation;
     let index = reg.slots.iter().position(|s| !s.in_use)?;
@@ -257,7 +257,7 @@ pub fn claim(kind: WorkerKind, object_id: i32, worker_index: i32) -> Option<Slot
     Some(SlotId { index, generation })
 }
 
-pub fn release(id: SlotId) {
+pub(crate) fn release(id: SlotId) {
     let mut reg = REGISTRY.exclusive();
     let slot = &mut reg.slots[id.index];
     if slot.in_use && slot.generation == id.generation {
@@ -266,14 +266,14 @@ pub fn release(id: SlotId) {
 }
 
 /// Runs `f` on the slot if it still belongs to `id`; returns `None` if it does not.
-pub fn update<R>(id: SlotId, f: impl FnOnce(&mut WorkerSlot) -> R) -> Option<R> {
+pub(crate) fn update<R>(id: SlotId, f: impl FnOnce(&mut WorkerSlot) -> R) -> Option<R> {
     let mut reg = REGISTRY.exclusive();
     let slot = &mut reg.slots[id.index];
     (slot.in_use && slot.generation == id.generation).then(|| f(slot))
 }
 
 /// A copy of every slot in use, with its id.
-pub fn snapshot() -> Vec<(SlotId, WorkerSlot)> {
+pub(crate) fn snapshot() -> Vec<(SlotId, WorkerSlot)> {
     let reg = REGISTRY.share();
     reg.slots
         .iter()
@@ -283,12 +283,12 @@ pub fn snapshot() -> Vec<(SlotId, WorkerSlot)> {
         .collect()
 }
 
-pub fn set_launcher_latch(latch: *mut pg_sys::Latch) {
+pub(crate) fn set_launcher_latch(latch: *mut pg_sys::Latch) {
     REGISTRY.exclusive().launcher_latch = latch as usize;
 }
 
 /// Wakes the launcher, if one runs, so that it looks at the catalog now.
-pub fn wake_launcher() {
+pub(crate) fn wake_launcher() {
     let latch = REGISTRY.share().launcher_latch;
     if latch != 0 {
         // The launcher clears the value (`forget_launcher_latch`) before ProcKill frees its

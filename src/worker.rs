@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 /// Sets up a worker process started by the launcher: signals, the database connection and
 /// the claim on its shared-memory slot. Returns `None` if the slot was handed to another
 /// worker meanwhile, in which case the process should just exit.
-pub fn attach(database: &str) -> Option<SlotId> {
+pub(crate) fn attach(database: &str) -> Option<SlotId> {
     install_signal_handlers();
     // SAFETY: only the workers' entry points (`pg_kafka_bridge_{subscription,publication}_main`)
     // call this, on the main thread of a background worker, where the postmaster set
@@ -44,7 +44,7 @@ pub fn attach(database: &str) -> Option<SlotId> {
 }
 
 /// [`attach`], then the worker's slot as the launcher filled it (which object, which index).
-pub fn attach_with_slot(database: &str) -> Option<(SlotId, shmem::WorkerSlot)> {
+pub(crate) fn attach_with_slot(database: &str) -> Option<(SlotId, shmem::WorkerSlot)> {
     let id = attach(database)?;
     shmem::snapshot().into_iter().find(|(s, _)| *s == id)
 }
@@ -69,7 +69,7 @@ unsafe extern "C-unwind" fn release_slot_at_exit(_code: i32, _arg: pg_sys::Datum
 
 /// SIGTERM ends the worker at the next interrupt check (between batches, or inside a long
 /// statement); SIGHUP reloads the configuration at the next check.
-pub fn install_signal_handlers() {
+pub(crate) fn install_signal_handlers() {
     // SAFETY: called first thing in a background worker's entry point, on its main thread
     // and before any other thread exists. `die` and `SignalHandlerForConfigReload` are
     // PostgreSQL's own async-signal-safe handlers (they only set flags and the latch), the
@@ -94,12 +94,12 @@ extern "C-unwind" {
 
 /// Serves a pending SIGTERM (the process exits) or query cancel; safe anywhere on the main
 /// thread, including inside decoding callbacks.
-pub fn check_interrupts() {
+pub(crate) fn check_interrupts() {
     pg_sys::check_for_interrupts!();
 }
 
 /// Handles pending signals: exits on SIGTERM, reloads the configuration on SIGHUP.
-pub fn check_signals() {
+pub(crate) fn check_interrupts_and_reload() {
     pg_sys::check_for_interrupts!();
     // SAFETY: on the main thread, the only one that runs PostgreSQL's signal handlers (the
     // prefetch and librdkafka threads block all signals): ConfigReloadPending is the flag that
@@ -114,11 +114,11 @@ pub fn check_signals() {
 }
 
 /// Sleeps on the process latch for up to `timeout`; signals cut the sleep short.
-pub fn sleep(timeout: Duration) {
+pub(crate) fn sleep(timeout: Duration) {
     // SAFETY: on the main thread of a process with a PGPROC, where MyLatch points to the
     // process latch that InitProcess owns (in shared memory, valid for the process's life);
     // the timeout is clamped to the C `long` WaitLatch takes. Resetting the latch before
-    // checking for work (check_signals) is the pattern latch.h prescribes.
+    // checking for work (check_interrupts_and_reload) is the pattern latch.h prescribes.
     unsafe {
         pg_sys::WaitLatch(
             pg_sys::MyLatch,
@@ -128,12 +128,12 @@ pub fn sleep(timeout: Duration) {
         );
         pg_sys::ResetLatch(pg_sys::MyLatch);
     }
-    check_signals();
+    check_interrupts_and_reload();
 }
 
 /// Runs `body` in a transaction of its own. The transaction commits if `body` returns `Ok`
 /// and rolls back if it returns `Err` or raises a PostgreSQL error, which comes back as `Err`.
-pub fn transaction<R>(body: impl FnOnce() -> Result<R>) -> Result<R> {
+pub(crate) fn transaction<R>(body: impl FnOnce() -> Result<R>) -> Result<R> {
     // SAFETY: on a worker's main thread after BackgroundWorkerInitializeConnection, outside
     // any transaction (workers call this from their loops, between transactions).
     // GetTransactionSnapshot returns a static snapshot that PushActiveSnapshot copies.
@@ -164,7 +164,7 @@ pub fn transaction<R>(body: impl FnOnce() -> Result<R>) -> Result<R> {
 
 /// Runs `body` in a subtransaction of the current transaction; on `Err` (or a PostgreSQL
 /// error) only the subtransaction's work is undone.
-pub fn subtransaction<R>(body: impl FnOnce() -> Result<R>) -> Result<R> {
+pub(crate) fn subtransaction<R>(body: impl FnOnce() -> Result<R>) -> Result<R> {
     // SAFETY: plain reads of two backend globals on the main thread; the values belong to
     // the enclosing transaction and stay valid until it ends, after this function returns.
     let (memory_context, resource_owner) = unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
@@ -188,12 +188,12 @@ pub fn subtransaction<R>(body: impl FnOnce() -> Result<R>) -> Result<R> {
 }
 
 /// Runs `body`, turning a PostgreSQL error (or a Rust panic) it raises into an `Err`.
-pub fn catch<R>(body: impl FnOnce() -> Result<R>) -> Result<R> {
+pub(crate) fn catch<R>(body: impl FnOnce() -> Result<R>) -> Result<R> {
     PgTryBuilder::new(AssertUnwindSafe(body)).catch_others(|caught| Err(BridgeError::from_caught(caught))).execute()
 }
 
 /// Doubling waits between attempts after errors, reset by a success.
-pub struct Backoff {
+pub(crate) struct Backoff {
     next: Duration,
 }
 
@@ -206,15 +206,15 @@ impl Default for Backoff {
 impl Backoff {
     const FIRST: Duration = Duration::from_millis(100);
 
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = Backoff::FIRST;
     }
 
     /// Records `error` in the worker's slot and sleeps before the next attempt.
-    pub fn wait_after(&mut self, id: SlotId, error: &BridgeError) {
+    pub(crate) fn wait_after(&mut self, id: SlotId, error: &BridgeError) {
         let message = error.to_string();
         shmem::update(id, |slot| {
-            slot.state = WorkerState::Retrying;
+            slot.state = WorkerState::Error;
             slot.set_error(&message);
         });
         pgrx::log!("pg_kafka_bridge: {message}; retrying in {} ms", self.next.as_millis());
@@ -224,10 +224,10 @@ impl Backoff {
 }
 
 /// Rows (or events) per second over the last second or so.
-pub struct RateMeter {
+pub(crate) struct RateMeter {
     window_start: Instant,
     window_rows: usize,
-    pub rate: f64,
+    pub(crate) rate: f64,
 }
 
 impl Default for RateMeter {
@@ -237,7 +237,7 @@ impl Default for RateMeter {
 }
 
 impl RateMeter {
-    pub fn record(&mut self, rows: usize) {
+    pub(crate) fn record(&mut self, rows: usize) {
         self.window_rows += rows;
         let elapsed = self.window_start.elapsed();
         if elapsed >= Duration::from_secs(1) {

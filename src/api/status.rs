@@ -63,8 +63,8 @@ fn publication_worker_status() -> TableIterator<
                 published.then_some(slot.published_lsn as i64),
                 published.then_some(slot.published_seq),
                 timestamp(slot.published_commit_time),
-                slot.rows_per_second,
-                slot.rows_total,
+                slot.processed_per_second,
+                slot.processed_total,
                 visible_error(&slot),
                 timestamp(slot.last_error_at),
                 timestamp(slot.started_at),
@@ -100,8 +100,13 @@ fn subscription_worker_status() -> TableIterator<
         let common =
             (slot.object_id, slot.worker_index, (slot.pid > 0).then_some(slot.pid), slot.state.as_str().to_string());
         let error = visible_error(&slot);
-        let tail =
-            (slot.rows_per_second, slot.rows_total, error, timestamp(slot.last_error_at), timestamp(slot.started_at));
+        let tail = (
+            slot.processed_per_second,
+            slot.processed_total,
+            error,
+            timestamp(slot.last_error_at),
+            timestamp(slot.started_at),
+        );
         // One row per partition; a worker that has none yet still gets a row.
         let mut progress: Vec<(Option<i32>, Option<i64>, Option<i64>)> = slot
             .partitions()

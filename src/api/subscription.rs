@@ -73,8 +73,7 @@ fn check_names(name: &str, brokers: &str, topic: &str) -> Result<()> {
 
 /// One of the values a text argument may take, or an error that lists them.
 fn choice<T>(value: &str, parse: fn(&str) -> Option<T>, argument: &str, names: &str) -> Result<T> {
-    parse(value)
-        .ok_or_else(|| BridgeError::InvalidParameter(format!("unknown {argument} \"{value}\": use {names}")))
+    parse(value).ok_or_else(|| BridgeError::InvalidParameter(format!("unknown {argument} \"{value}\": use {names}")))
 }
 
 fn validate(s: &Subscription, target: &PgRelation) -> Result<()> {

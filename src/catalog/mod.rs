@@ -2,7 +2,7 @@
 //! objects schema-qualified and passes values as parameters. Subscriptions and their offsets
 //! and dead letters are here; publications in [`publication`].
 
-pub mod publication;
+pub(crate) mod publication;
 
 use crate::error::{BridgeError, Result};
 use crate::format::{Format, Message, Mode, StartFrom};
@@ -14,23 +14,23 @@ use std::collections::HashMap;
 
 /// A subscription as stored in `kafka.subscription_catalog`.
 #[derive(Clone, Debug)]
-pub struct Subscription {
-    pub id: i32,
-    pub name: String,
-    pub owner: pg_sys::Oid,
-    pub brokers: String,
-    pub topic: String,
-    pub target_schema: String,
-    pub target_table: String,
-    pub format: Format,
-    pub mode: Mode,
-    pub key_columns: Option<Vec<String>>,
-    pub start_from: StartFrom,
-    pub batch_size: i32,
-    pub batch_timeout_ms: i32,
-    pub workers: i32,
-    pub options: serde_json::Value,
-    pub enabled: bool,
+pub(crate) struct Subscription {
+    pub(crate) id: i32,
+    pub(crate) name: String,
+    pub(crate) owner: pg_sys::Oid,
+    pub(crate) brokers: String,
+    pub(crate) topic: String,
+    pub(crate) target_schema: String,
+    pub(crate) target_table: String,
+    pub(crate) format: Format,
+    pub(crate) mode: Mode,
+    pub(crate) key_columns: Option<Vec<String>>,
+    pub(crate) start_from: StartFrom,
+    pub(crate) batch_size: i32,
+    pub(crate) batch_timeout_ms: i32,
+    pub(crate) workers: i32,
+    pub(crate) options: serde_json::Value,
+    pub(crate) enabled: bool,
 }
 
 const SUBSCRIPTION_COLUMNS: &str = "id, name, owner, brokers, topic, target_schema::text, \
@@ -64,17 +64,17 @@ impl Subscription {
         load_one(&sql, arg, Subscription::from_row)
     }
 
-    pub fn by_id(id: i32) -> Result<Option<Subscription>> {
+    pub(crate) fn by_id(id: i32) -> Result<Option<Subscription>> {
         Subscription::load("id = $1", id.into())
     }
 
     /// Looks a subscription up by name, locking its row against concurrent changes.
-    pub fn by_name_for_update(name: &str) -> Result<Subscription> {
+    pub(crate) fn by_name_for_update(name: &str) -> Result<Subscription> {
         Subscription::load("name = $1 FOR UPDATE", name.into())?
             .ok_or_else(|| BridgeError::UndefinedObject { kind: "subscription", name: name.into() })
     }
 
-    pub fn insert(&self) -> Result<i32> {
+    pub(crate) fn insert(&self) -> Result<i32> {
         Spi::connect_mut(|client| {
             let exists = client
                 .select(
@@ -113,11 +113,11 @@ impl Subscription {
         })
     }
 
-    pub fn set_enabled(&self, enabled: bool) -> Result<()> {
+    pub(crate) fn set_enabled(&self, enabled: bool) -> Result<()> {
         set_enabled_in("kafka.subscription_catalog", self.id, enabled)
     }
 
-    pub fn delete(&self) -> Result<()> {
+    pub(crate) fn delete(&self) -> Result<()> {
         delete_from("kafka.subscription_catalog", self.id)
     }
 }
@@ -169,7 +169,7 @@ fn load_one<T>(sql: &str, arg: DatumWithOid, from_row: fn(&SpiHeapTupleData) -> 
 }
 
 /// The first column of the first row of `sql`, or `None` when it returns no row.
-pub fn query_optional<T: FromDatum + IntoDatum>(sql: &str, args: &[DatumWithOid]) -> Result<Option<T>> {
+pub(crate) fn query_optional<T: FromDatum + IntoDatum>(sql: &str, args: &[DatumWithOid]) -> Result<Option<T>> {
     Spi::connect(|client| {
         let table = client.select(sql, Some(1), args)?;
         if table.is_empty() {
@@ -180,7 +180,7 @@ pub fn query_optional<T: FromDatum + IntoDatum>(sql: &str, args: &[DatumWithOid]
 }
 
 /// `(id, workers)` of every enabled subscription.
-pub fn enabled_subscriptions() -> Result<Vec<(i32, i32)>> {
+pub(crate) fn enabled_subscriptions() -> Result<Vec<(i32, i32)>> {
     Spi::connect(|client| {
         let table =
             client.select("SELECT id, workers FROM kafka.subscription_catalog WHERE enabled ORDER BY id", None, &[])?;
@@ -192,14 +192,14 @@ pub fn enabled_subscriptions() -> Result<Vec<(i32, i32)>> {
 }
 
 /// Whether the extension is installed in the current database.
-pub fn extension_installed() -> Result<bool> {
+pub(crate) fn extension_installed() -> Result<bool> {
     Ok(Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_kafka_bridge')")?
         .unwrap_or(false))
 }
 
 /// How many partitions the topic had when the subscription first started: the first worker
 /// to start records `count`, later calls return what was recorded.
-pub fn initial_partitions(subscription_id: i32, count: i32) -> Result<i32> {
+pub(crate) fn initial_partitions(subscription_id: i32, count: i32) -> Result<i32> {
     Spi::connect_mut(|client| {
         let row = client.update(
             "UPDATE kafka.subscription_catalog SET initial_partitions = coalesce(initial_partitions, $2) \
@@ -212,7 +212,7 @@ pub fn initial_partitions(subscription_id: i32, count: i32) -> Result<i32> {
 }
 
 /// Stored positions of the subscription's partitions of its topic.
-pub fn read_offsets(subscription: &Subscription) -> Result<HashMap<i32, i64>> {
+pub(crate) fn read_offsets(subscription: &Subscription) -> Result<HashMap<i32, i64>> {
     Spi::connect(|client| {
         let table = client.select(
             "SELECT partition, next_offset FROM kafka.offsets WHERE subscription_id = $1 AND topic = $2",
@@ -227,7 +227,7 @@ pub fn read_offsets(subscription: &Subscription) -> Result<HashMap<i32, i64>> {
 }
 
 /// Stores starting positions for partitions that have none yet; existing ones are kept.
-pub fn insert_missing_offsets(subscription: &Subscription, starts: &[(i32, i64)]) -> Result<()> {
+pub(crate) fn insert_missing_offsets(subscription: &Subscription, starts: &[(i32, i64)]) -> Result<()> {
     Spi::connect_mut(|client| {
         for &(partition, offset) in starts {
             client.update(
@@ -251,7 +251,7 @@ pub fn insert_missing_offsets(subscription: &Subscription, starts: &[(i32, i64)]
 /// stored position is not `expected`: another worker or a manual change moved it.
 /// The position must also still belong to this very subscription (by id): one dropped and
 /// created again under the same name is another subscription.
-pub fn advance_offset(
+pub(crate) fn advance_offset(
     client: &mut SpiClient,
     subscription: &Subscription,
     partition: i32,
@@ -283,7 +283,7 @@ pub fn advance_offset(
 }
 
 /// Records a message that could not become a row, with why.
-pub fn insert_dead_letter(
+pub(crate) fn insert_dead_letter(
     client: &mut SpiClient,
     subscription: &Subscription,
     message: &Message,

@@ -8,18 +8,18 @@ use pgrx::spi::SpiHeapTupleData;
 use pgrx::JsonB;
 
 #[derive(Clone, Debug)]
-pub struct Publication {
-    pub id: i32,
-    pub name: String,
-    pub owner: pg_sys::Oid,
-    pub brokers: String,
-    pub tables: Vec<pg_sys::Oid>,
+pub(crate) struct Publication {
+    pub(crate) id: i32,
+    pub(crate) name: String,
+    pub(crate) owner: pg_sys::Oid,
+    pub(crate) brokers: String,
+    pub(crate) tables: Vec<pg_sys::Oid>,
     /// Topic template: `{schema}` and `{table}` are replaced by each table's names.
-    pub topic: String,
-    pub progress_topic: String,
-    pub slot_name: String,
-    pub options: serde_json::Value,
-    pub enabled: bool,
+    pub(crate) topic: String,
+    pub(crate) progress_topic: String,
+    pub(crate) slot_name: String,
+    pub(crate) options: serde_json::Value,
+    pub(crate) enabled: bool,
 }
 
 const PUBLICATION_COLUMNS: &str =
@@ -47,31 +47,31 @@ impl Publication {
         load_one(&sql, arg, Publication::from_row)
     }
 
-    pub fn by_id(id: i32) -> Result<Option<Publication>> {
+    pub(crate) fn by_id(id: i32) -> Result<Option<Publication>> {
         Publication::load("id = $1", id.into())
     }
 
-    pub fn by_name(name: &str) -> Result<Publication> {
+    pub(crate) fn by_name(name: &str) -> Result<Publication> {
         Publication::load("name = $1", name.into())?
             .ok_or_else(|| BridgeError::UndefinedObject { kind: "publication", name: name.into() })
     }
 
     /// Looks a publication up by name, locking its row against concurrent changes.
-    pub fn by_name_for_update(name: &str) -> Result<Publication> {
+    pub(crate) fn by_name_for_update(name: &str) -> Result<Publication> {
         Publication::load("name = $1 FOR UPDATE", name.into())?
             .ok_or_else(|| BridgeError::UndefinedObject { kind: "publication", name: name.into() })
     }
 
-    pub fn by_slot_name(slot_name: &str) -> Result<Option<Publication>> {
+    pub(crate) fn by_slot_name(slot_name: &str) -> Result<Option<Publication>> {
         Publication::load("slot_name = $1", slot_name.into())
     }
 
-    pub fn exists(name: &str) -> Result<bool> {
+    pub(crate) fn exists(name: &str) -> Result<bool> {
         Ok(super::query_optional::<i32>("SELECT 1 FROM kafka.publication_catalog WHERE name = $1", &[name.into()])?
             .is_some())
     }
 
-    pub fn insert(&self) -> Result<i32> {
+    pub(crate) fn insert(&self) -> Result<i32> {
         let tables: Vec<i64> = self.tables.iter().map(|oid| u32::from(*oid) as i64).collect();
         Spi::connect_mut(|client| {
             let row = client.update(
@@ -93,17 +93,17 @@ impl Publication {
         })
     }
 
-    pub fn set_enabled(&self, enabled: bool) -> Result<()> {
+    pub(crate) fn set_enabled(&self, enabled: bool) -> Result<()> {
         super::set_enabled_in("kafka.publication_catalog", self.id, enabled)
     }
 
-    pub fn delete(&self) -> Result<()> {
+    pub(crate) fn delete(&self) -> Result<()> {
         super::delete_from("kafka.publication_catalog", self.id)
     }
 }
 
 /// Ids of the enabled publications.
-pub fn enabled_publications() -> Result<Vec<i32>> {
+pub(crate) fn enabled_publications() -> Result<Vec<i32>> {
     Spi::connect(|client| {
         let table = client.select("SELECT id FROM kafka.publication_catalog WHERE enabled ORDER BY id", None, &[])?;
         table.into_iter().map(|row| Ok(row.get::<i32>(1)?.unwrap_or_default())).collect()

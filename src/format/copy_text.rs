@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 /// Appends `text` as one COPY text field, escaping the characters COPY treats specially.
 /// Fails on a NUL character, which no PostgreSQL text value can hold.
-pub fn push_escaped(buf: &mut Vec<u8>, text: &[u8]) -> Result<(), NulByte> {
+pub(crate) fn push_escaped(buf: &mut Vec<u8>, text: &[u8]) -> Result<(), NulByte> {
     let mut start = 0;
     for (i, &b) in text.iter().enumerate() {
         let escaped: &[u8] = match b {
@@ -24,13 +24,13 @@ pub fn push_escaped(buf: &mut Vec<u8>, text: &[u8]) -> Result<(), NulByte> {
 }
 
 #[derive(Debug, PartialEq, Eq)]
-pub struct NulByte;
+pub(crate) struct NulByte;
 
 /// The field that COPY reads as SQL NULL.
-pub const NULL_FIELD: &[u8] = b"\\N";
+pub(crate) const NULL_FIELD: &[u8] = b"\\N";
 
 /// Appends bytes as a bytea hex literal (`\x0a1b...`), escaped for COPY.
-pub fn push_bytea_hex(buf: &mut Vec<u8>, bytes: &[u8]) {
+pub(crate) fn push_bytea_hex(buf: &mut Vec<u8>, bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     buf.extend_from_slice(b"\\\\x");
     for &b in bytes {
@@ -40,7 +40,7 @@ pub fn push_bytea_hex(buf: &mut Vec<u8>, bytes: &[u8]) {
 }
 
 /// Formats milliseconds since the Unix epoch as a UTC timestamptz literal.
-pub fn timestamp_literal(epoch_ms: i64) -> String {
+pub(crate) fn timestamp_literal(epoch_ms: i64) -> String {
     let days = epoch_ms.div_euclid(86_400_000);
     let ms_of_day = epoch_ms.rem_euclid(86_400_000);
     let (y, m, d) = civil_from_days(days);
@@ -73,7 +73,7 @@ pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
 
 /// Converts a JSON array into a PostgreSQL array literal, as `json_populate_record` does for
 /// array columns: strings are quoted, `null` becomes NULL, nested arrays nest.
-pub fn array_literal(value: &serde_json::Value, out: &mut String) {
+pub(crate) fn array_literal(value: &serde_json::Value, out: &mut String) {
     match value {
         serde_json::Value::Array(items) => {
             out.push('{');

@@ -19,17 +19,16 @@ struct ChangeEvent<'a> {
     after: Option<&'a RawValue>,
 }
 
-
 /// One Kafka message, as the row encoder sees it.
-pub struct Message<'a> {
-    pub topic: &'a str,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<&'a [u8]>,
-    pub payload: Option<&'a [u8]>,
-    pub timestamp_ms: Option<i64>,
+pub(crate) struct Message<'a> {
+    pub(crate) topic: &'a str,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    pub(crate) key: Option<&'a [u8]>,
+    pub(crate) payload: Option<&'a [u8]>,
+    pub(crate) timestamp_ms: Option<i64>,
     /// Filled only when the table has a `_kafka_headers` column.
-    pub headers: Vec<(&'a str, Option<&'a [u8]>)>,
+    pub(crate) headers: Vec<(&'a str, Option<&'a [u8]>)>,
 }
 
 /// Which content columns a row fills: a bit per data slot.
@@ -37,10 +36,9 @@ type ColumnSet = Vec<u64>;
 
 /// A message that became one line of COPY text.
 #[derive(Clone, Copy, Debug)]
-pub struct EncodedRow {
+pub(crate) struct EncodedRow {
     /// Index of the message in the batch.
-    pub message: usize,
-    pub tombstone: bool,
+    pub(crate) message: usize,
     column_set: usize,
     start: usize,
     end: usize,
@@ -48,24 +46,24 @@ pub struct EncodedRow {
 
 /// A message that cannot become a row, and why.
 #[derive(Debug)]
-pub struct Rejected {
-    pub message: usize,
-    pub error: String,
+pub(crate) struct Rejected {
+    pub(crate) message: usize,
+    pub(crate) error: String,
 }
 
 /// The rows of a batch in COPY text form.
 #[derive(Default)]
-pub struct EncodedBatch {
-    pub buf: Vec<u8>,
-    pub rows: Vec<EncodedRow>,
-    pub rejected: Vec<Rejected>,
+pub(crate) struct EncodedBatch {
+    pub(crate) buf: Vec<u8>,
+    pub(crate) rows: Vec<EncodedRow>,
+    pub(crate) rejected: Vec<Rejected>,
     column_sets: Vec<ColumnSet>,
     scratch_set: ColumnSet,
 }
 
 impl EncodedBatch {
     /// The COPY text of `rows[range]`, which are consecutive lines.
-    pub fn text(&self, range: Range<usize>) -> &[u8] {
+    pub(crate) fn text(&self, range: Range<usize>) -> &[u8] {
         match (self.rows.get(range.start), range.end.checked_sub(1).and_then(|l| self.rows.get(l))) {
             (Some(first), Some(last)) if range.start < range.end => &self.buf[first.start..last.end],
             _ => &[],
@@ -74,7 +72,7 @@ impl EncodedBatch {
 
     /// Splits `range` into runs of rows that fill the same columns, so that each run can be
     /// written with one COPY and a column list.
-    pub fn runs(&self, range: Range<usize>) -> Vec<Range<usize>> {
+    pub(crate) fn runs(&self, range: Range<usize>) -> Vec<Range<usize>> {
         let mut runs = Vec::new();
         let mut start = range.start;
         for i in range.clone() {
@@ -91,7 +89,7 @@ impl EncodedBatch {
 
     /// The table columns that the lines of a run fill, in line order (in upsert mode the
     /// lines' last two fields follow them).
-    pub fn column_names<'s>(&self, shape: &'s TargetShape, run_row: usize) -> Vec<&'s str> {
+    pub(crate) fn column_names<'s>(&self, shape: &'s TargetShape, run_row: usize) -> Vec<&'s str> {
         let set = &self.column_sets[self.rows[run_row].column_set];
         shape
             .columns
@@ -102,19 +100,13 @@ impl EncodedBatch {
     }
 
     /// Encodes message number `index` of the batch, or records why it cannot become a row.
-    pub fn push(&mut self, shape: &TargetShape, index: usize, msg: &Message) {
+    pub(crate) fn push(&mut self, shape: &TargetShape, index: usize, msg: &Message) {
         let line_start = self.buf.len();
         match self.encode(shape, index, msg) {
-            Ok(tombstone) => {
+            Ok(()) => {
                 self.buf.push(b'\n');
                 let column_set = self.intern_scratch_set();
-                self.rows.push(EncodedRow {
-                    message: index,
-                    tombstone,
-                    column_set,
-                    start: line_start,
-                    end: self.buf.len(),
-                });
+                self.rows.push(EncodedRow { message: index, column_set, start: line_start, end: self.buf.len() });
             }
             Err(error) => {
                 self.buf.truncate(line_start);
@@ -133,7 +125,7 @@ impl EncodedBatch {
         self.column_sets.len() - 1
     }
 
-    fn encode(&mut self, shape: &TargetShape, index: usize, msg: &Message) -> Result<bool, String> {
+    fn encode(&mut self, shape: &TargetShape, index: usize, msg: &Message) -> Result<(), String> {
         let mut values: Vec<Option<FieldValue>> = vec![None; shape.data_count];
         let tombstone = match msg.payload {
             None if shape.mode == Mode::Insert => {
@@ -228,7 +220,7 @@ impl EncodedBatch {
         if shape.mode == Mode::Upsert {
             self.buf.extend_from_slice(format!("\t{index}\t{}", if tombstone { 't' } else { 'f' }).as_bytes());
         }
-        Ok(tombstone)
+        Ok(())
     }
 
     /// Fills the key columns of a tombstone from the message key: a JSON object maps to
@@ -346,5 +338,3 @@ enum FieldValue<'a> {
 fn set_contains(set: &[u64], slot: usize) -> bool {
     set[slot / 64] & (1 << (slot % 64)) != 0
 }
-
-

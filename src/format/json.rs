@@ -9,7 +9,7 @@ use std::fmt;
 
 /// The object keys a message is read for, each with the slot its value goes to.
 #[derive(Clone, Debug)]
-pub enum FieldNames {
+pub(crate) enum FieldNames {
     /// Below `FIELD_NAMES_HASHED_FROM` names, comparing a key with each name beats hashing it.
     Few(Vec<(String, usize)>),
     Many(HashMap<String, usize>),
@@ -40,7 +40,7 @@ impl FieldNames {
 /// Fills `out[slot]` with the raw value of every key of `payload` that `fields` maps to a
 /// slot. Unknown keys are ignored; of duplicate keys the last wins, as in
 /// `json_populate_record`.
-pub fn object_fields<'a>(
+pub(crate) fn object_fields<'a>(
     payload: &'a [u8],
     fields: &FieldNames,
     out: &mut [Option<&'a RawValue>],
@@ -51,13 +51,13 @@ pub fn object_fields<'a>(
 }
 
 /// Checks that `payload` is one well-formed JSON value.
-pub fn validate(payload: &[u8]) -> Result<(), String> {
+pub(crate) fn validate(payload: &[u8]) -> Result<(), String> {
     serde_json::from_slice::<IgnoredAny>(payload).map(drop).map_err(|e| e.to_string())
 }
 
 /// The text a JSON scalar stands for: a string unescaped, anything else as written.
 /// `None` for `null`.
-pub fn scalar_text(raw: &str) -> Result<Option<Cow<'_, str>>, String> {
+pub(crate) fn scalar_text(raw: &str) -> Result<Option<Cow<'_, str>>, String> {
     match raw.as_bytes().first() {
         Some(b'n') => Ok(None),
         Some(b'"') if !raw.contains('\\') => Ok(Some(Cow::Borrowed(&raw[1..raw.len() - 1]))),

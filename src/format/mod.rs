@@ -11,7 +11,7 @@ pub(crate) use encode::{EncodedBatch, Message};
 pub(crate) use shape::{ColumnInfo, TargetShape, ValueKind};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Format {
+pub(crate) enum Format {
     Json,
     Text,
     Bytea,
@@ -21,14 +21,14 @@ pub enum Format {
 }
 
 impl Format {
-    pub const NAMES: &'static str = "'json', 'text', 'bytea' or 'change'";
+    pub(crate) const NAMES: &'static str = "'json', 'text', 'bytea' or 'change'";
 
-    pub fn parse(s: &str) -> Option<Format> {
+    pub(crate) fn parse(s: &str) -> Option<Format> {
         [Format::Json, Format::Text, Format::Bytea, Format::Change].into_iter().find(|f| f.as_str() == s)
     }
 
     /// The name the SQL API and the catalog use.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Format::Json => "json",
             Format::Text => "text",
@@ -38,23 +38,22 @@ impl Format {
     }
 }
 
-
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Mode {
+pub(crate) enum Mode {
     Insert,
     /// Insert or update on the key columns; a message without a value deletes its key's row.
     Upsert,
 }
 
 impl Mode {
-    pub const NAMES: &'static str = "'insert' or 'upsert'";
+    pub(crate) const NAMES: &'static str = "'insert' or 'upsert'";
 
-    pub fn parse(s: &str) -> Option<Mode> {
+    pub(crate) fn parse(s: &str) -> Option<Mode> {
         [Mode::Insert, Mode::Upsert].into_iter().find(|m| m.as_str() == s)
     }
 
     /// The name the SQL API and the catalog use.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Mode::Insert => "insert",
             Mode::Upsert => "upsert",
@@ -62,23 +61,22 @@ impl Mode {
     }
 }
 
-
 /// Where a new subscription starts reading the partitions its topic has at its first start.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum StartFrom {
+pub(crate) enum StartFrom {
     Earliest,
     Latest,
 }
 
 impl StartFrom {
-    pub const NAMES: &'static str = "'earliest' or 'latest'";
+    pub(crate) const NAMES: &'static str = "'earliest' or 'latest'";
 
-    pub fn parse(s: &str) -> Option<StartFrom> {
+    pub(crate) fn parse(s: &str) -> Option<StartFrom> {
         [StartFrom::Earliest, StartFrom::Latest].into_iter().find(|m| m.as_str() == s)
     }
 
     /// The name the SQL API and the catalog use.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             StartFrom::Earliest => "earliest",
             StartFrom::Latest => "latest",

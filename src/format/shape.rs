@@ -6,7 +6,7 @@ use super::{Format, Mode};
 
 /// How a value must be written for the column's type input function to accept it.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum ValueKind {
+pub(crate) enum ValueKind {
     /// `json` or `jsonb`: receives JSON text as sent.
     Json,
     Bytea,
@@ -17,7 +17,7 @@ pub enum ValueKind {
 
 /// Columns that receive a message's metadata rather than its content.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum MetaField {
+pub(crate) enum MetaField {
     Topic,
     Partition,
     Offset,
@@ -27,7 +27,7 @@ pub enum MetaField {
 }
 
 impl MetaField {
-    pub fn from_column_name(name: &str) -> Option<MetaField> {
+    pub(crate) fn from_column_name(name: &str) -> Option<MetaField> {
         Some(match name {
             "_kafka_topic" => MetaField::Topic,
             "_kafka_partition" => MetaField::Partition,
@@ -42,9 +42,9 @@ impl MetaField {
 
 /// A column of the target table that rows can be written to.
 #[derive(Clone, Debug)]
-pub struct ColumnInfo {
-    pub name: String,
-    pub kind: ValueKind,
+pub(crate) struct ColumnInfo {
+    pub(crate) name: String,
+    pub(crate) kind: ValueKind,
 }
 
 #[derive(Clone, Debug)]
@@ -65,7 +65,7 @@ pub(super) enum PayloadRule {
 
 /// Where each part of a message goes in a given table, for a format and mode.
 #[derive(Clone, Debug)]
-pub struct TargetShape {
+pub(crate) struct TargetShape {
     pub(super) columns: Vec<ShapeColumn>,
     pub(super) data_count: usize,
     pub(super) payload: PayloadRule,
@@ -78,7 +78,7 @@ pub struct TargetShape {
 impl TargetShape {
     /// `columns` are the table's writable columns in table order (no dropped or generated
     /// ones). `key_columns` matters in upsert mode only. Errors name what does not fit.
-    pub fn new(
+    pub(crate) fn new(
         columns: Vec<ColumnInfo>,
         format: Format,
         mode: Mode,
@@ -152,22 +152,21 @@ impl TargetShape {
         Ok(TargetShape { columns, data_count, payload, format, mode, key_columns: key_indices })
     }
 
-    pub fn wants_headers(&self) -> bool {
+    pub(crate) fn wants_headers(&self) -> bool {
         self.columns.iter().any(|c| c.meta == Some(MetaField::Headers))
     }
 
-    pub fn mode(&self) -> Mode {
+    pub(crate) fn mode(&self) -> Mode {
         self.mode
     }
 
     /// Names of the key columns (upsert mode).
-    pub fn key_column_names(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn key_column_names(&self) -> impl Iterator<Item = &str> {
         self.key_columns.iter().map(|&i| self.columns[i].info.name.as_str())
     }
 
     /// Every writable column, in table order.
-    pub fn all_columns(&self) -> impl Iterator<Item = &ColumnInfo> {
+    pub(crate) fn all_columns(&self) -> impl Iterator<Item = &ColumnInfo> {
         self.columns.iter().map(|c| &c.info)
     }
 }
-

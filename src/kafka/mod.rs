@@ -21,14 +21,14 @@ use std::time::Duration;
 
 /// Librdkafka properties given by an owner, checked against [`properties`]: the allow-list.
 #[derive(Clone, Debug, Default)]
-pub struct Options(Vec<(String, String)>);
+pub(crate) struct Options(Vec<(String, String)>);
 
 impl Options {
     /// Accepts a JSON object whose values are strings, naming properties that `owner` may
     /// set (see [`properties`]), with values librdkafka accepts. Every name is checked before
     /// librdkafka sees any value, since setting some properties loads code at once. No
     /// broker is contacted. Looks roles up: runs inside a transaction.
-    pub fn for_owner(value: &serde_json::Value, owner: pg_sys::Oid) -> Result<Options> {
+    pub(crate) fn for_owner(value: &serde_json::Value, owner: pg_sys::Oid) -> Result<Options> {
         let serde_json::Value::Object(map) = value else {
             return Err(BridgeError::InvalidParameter(format!(
                 "options must be a JSON object of strings, not {value}"
@@ -77,14 +77,27 @@ impl Options {
         Ok(Options(pairs))
     }
 
-    pub fn apply(&self, config: &mut ClientConfig) {
+    /// The configuration of a Kafka client of `brokers`, in three layers: the extension's
+    /// `defaults` (tuning), which these options override, then `managed` properties, which
+    /// the extension's guarantees depend on and no option can name.
+    pub(crate) fn client_config(
+        &self,
+        brokers: &str,
+        defaults: &[(&str, &str)],
+        managed: &[(&str, &str)],
+    ) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        for (name, value) in defaults {
+            config.set(*name, *value);
+        }
         for (name, value) in &self.0 {
             config.set(name, value);
         }
-    }
-
-    pub fn contains(&self, name: &str) -> bool {
-        self.0.iter().any(|(n, _)| n == name)
+        config.set("bootstrap.servers", brokers);
+        for (name, value) in managed {
+            config.set(*name, *value);
+        }
+        config
     }
 }
 
@@ -118,16 +131,16 @@ fn kafka_reason(e: &KafkaError) -> String {
 /// Keeps the latest error librdkafka reported from its background threads. The callbacks
 /// only store it; the worker's main thread reads it and reports it through PostgreSQL.
 #[derive(Clone, Default)]
-pub struct ErrorMailbox(Arc<Mutex<Option<String>>>);
+pub(crate) struct ErrorMailbox(Arc<Mutex<Option<String>>>);
 
 impl ErrorMailbox {
-    pub fn take(&self) -> Option<String> {
+    pub(crate) fn take(&self) -> Option<String> {
         self.0.lock().take()
     }
 }
 
-pub struct BridgeContext {
-    pub errors: ErrorMailbox,
+pub(crate) struct BridgeContext {
+    pub(crate) errors: ErrorMailbox,
 }
 
 impl ClientContext for BridgeContext {
@@ -153,7 +166,7 @@ impl ProducerContext for BridgeContext {
 
 /// Creates a topic of one partition with the broker's default replication, unless it exists.
 /// `compacted` topics keep the last record of each key.
-pub fn create_topic_if_missing(config: &ClientConfig, topic: &str, compacted: bool) -> Result<()> {
+pub(crate) fn create_topic_if_missing(config: &ClientConfig, topic: &str, compacted: bool) -> Result<()> {
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = config.create()?;
     let mut new_topic = NewTopic::new(topic, 1, TopicReplication::Fixed(-1));
     if compacted {

@@ -15,17 +15,17 @@ use std::ffi::CStr;
 
 /// The transaction being replayed, as the reorder buffer describes it.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct TxnInfo {
+pub(crate) struct TxnInfo {
     /// Start of the commit record: with `seq`, it orders every event.
-    pub commit_lsn: u64,
+    pub(crate) commit_lsn: u64,
     /// End of the commit record: where decoding may resume once the transaction is out.
-    pub end_lsn: u64,
-    pub xid: u32,
-    pub commit_time: pg_sys::TimestampTz,
+    pub(crate) end_lsn: u64,
+    pub(crate) xid: u32,
+    pub(crate) commit_time: pg_sys::TimestampTz,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Op {
+pub(crate) enum Op {
     Insert,
     Update,
     Delete,
@@ -43,10 +43,10 @@ impl Op {
 
 /// What every event of a published table needs of its relation, worked out once and cached
 /// until the relation cache is invalidated (a changed table is looked at again).
-pub struct TableInfo {
-    pub schema: String,
-    pub table: String,
-    pub topic: String,
+pub(crate) struct TableInfo {
+    pub(crate) schema: String,
+    pub(crate) table: String,
+    pub(crate) topic: String,
     /// Per attribute, by its index in the tuple descriptor: its name as a JSON string.
     column_names: Vec<Vec<u8>>,
     /// Per attribute: whether it is a key column (replica identity, else primary key).
@@ -58,7 +58,7 @@ pub struct TableInfo {
 impl TableInfo {
     /// # Safety
     /// `relation` must be an open relation.
-    pub unsafe fn of(relation: pg_sys::Relation, template: &str) -> TableInfo {
+    pub(crate) unsafe fn of(relation: pg_sys::Relation, template: &str) -> TableInfo {
         let schema = cstr_lossy(pg_sys::get_namespace_name((*(*relation).rd_rel).relnamespace));
         let table = cstr_lossy((*(*relation).rd_rel).relname.data.as_ptr());
         let topic = render_topic(template, &schema, &table);
@@ -99,7 +99,7 @@ impl TableInfo {
 }
 
 /// The topic of a table under a template with `{schema}` and `{table}` placeholders.
-pub fn render_topic(template: &str, schema: &str, table: &str) -> String {
+pub(crate) fn render_topic(template: &str, schema: &str, table: &str) -> String {
     template.replace("{schema}", schema).replace("{table}", table)
 }
 
@@ -123,7 +123,7 @@ struct TypeOutput {
 
 /// Output functions by type, looked up once per type.
 #[derive(Default)]
-pub struct TypeCache(HashMap<pg_sys::Oid, TypeOutput>);
+pub(crate) struct TypeCache(HashMap<pg_sys::Oid, TypeOutput>);
 
 impl TypeCache {
     /// # Safety
@@ -158,9 +158,9 @@ enum Columns {
 
 /// Builds keys and values into buffers that are reused from one event to the next.
 #[derive(Default)]
-pub struct EventWriter {
-    pub key: Vec<u8>,
-    pub value: Vec<u8>,
+pub(crate) struct EventWriter {
+    pub(crate) key: Vec<u8>,
+    pub(crate) value: Vec<u8>,
     types: TypeCache,
     values: Vec<pg_sys::Datum>,
     nulls: Vec<bool>,
@@ -175,7 +175,7 @@ impl EventWriter {
     /// # Safety
     /// `relation` must be the open relation of the tuples, which must be valid heap tuples.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn row_change(
+    pub(crate) unsafe fn row_change(
         &mut self,
         relation: pg_sys::Relation,
         info: &TableInfo,
@@ -331,7 +331,7 @@ unsafe fn is_external_ondisk(datum: pg_sys::Datum) -> bool {
 }
 
 /// `,"lsn":...,"txid":...,"seq":...,"commit_time":"..."`: the position of an event.
-pub fn write_source_position(out: &mut Vec<u8>, txn: &TxnInfo, seq: i64) {
+pub(crate) fn write_source_position(out: &mut Vec<u8>, txn: &TxnInfo, seq: i64) {
     use std::io::Write;
     let _ = write!(
         out,
@@ -343,13 +343,13 @@ pub fn write_source_position(out: &mut Vec<u8>, txn: &TxnInfo, seq: i64) {
     );
 }
 
-pub fn push_json_string(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn push_json_string(out: &mut Vec<u8>, s: &str) {
     // Writing into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, s);
 }
 
 /// A PostgreSQL timestamp (microseconds since 2000-01-01 UTC) as RFC 3339 in UTC.
-pub fn iso_timestamp(t: pg_sys::TimestampTz) -> String {
+pub(crate) fn iso_timestamp(t: pg_sys::TimestampTz) -> String {
     const POSTGRES_EPOCH_UNIX_SECONDS: i64 = 946_684_800;
     let micros = t.rem_euclid(1_000_000);
     let seconds = t.div_euclid(1_000_000) + POSTGRES_EPOCH_UNIX_SECONDS;
@@ -365,7 +365,7 @@ pub fn iso_timestamp(t: pg_sys::TimestampTz) -> String {
 
 /// # Safety
 /// `ptr` must point to a NUL-terminated string.
-pub unsafe fn cstr_lossy(ptr: *const std::ffi::c_char) -> String {
+pub(crate) unsafe fn cstr_lossy(ptr: *const std::ffi::c_char) -> String {
     CStr::from_ptr(ptr).to_string_lossy().into_owned()
 }
 

@@ -17,8 +17,8 @@ use crate::settings;
 use crate::shmem::{self, SlotId, WorkerState};
 use crate::worker::{self, Backoff, RateMeter};
 use decoder::Decoder;
-use plugin::Selection;
 use pgrx::prelude::*;
+use plugin::Selection;
 use publisher::{Publisher, MAX_KAFKA_TRANSACTION_AGE};
 use std::time::{Duration, Instant};
 
@@ -46,7 +46,7 @@ impl PublicationWorker {
     fn run(&self) {
         let mut backoff = Backoff::default();
         loop {
-            worker::check_signals();
+            worker::check_interrupts_and_reload();
             match self.session(&mut backoff) {
                 Ok(()) => return,
                 Err(e) => backoff.wait_after(self.id, &e),
@@ -69,7 +69,7 @@ impl PublicationWorker {
         shmem::update(self.id, |slot| slot.state = WorkerState::Running);
         let mut next_check = Instant::now() + settings::metadata_refresh();
         loop {
-            worker::check_signals();
+            worker::check_interrupts_and_reload();
             if Instant::now() >= next_check {
                 // Rights can be revoked, and row-level security enabled, while the worker
                 // runs: checked again at this interval, not only at the start.
@@ -119,8 +119,8 @@ impl PublicationWorker {
             if commit_time != 0 {
                 slot.published_commit_time = commit_time;
             }
-            slot.rows_per_second = meter.rate;
-            slot.rows_total = *reported_events as i64;
+            slot.processed_per_second = meter.rate;
+            slot.processed_total = *reported_events as i64;
         });
     }
 

@@ -3,20 +3,20 @@
 //! and the value. Decoding replays it in commit order with the table changes.
 
 /// Prefix of the logical decoding messages written by `kafka.send()`.
-pub const PREFIX: &str = "pg_kafka_bridge";
+pub(crate) const PREFIX: &str = "pg_kafka_bridge";
 const VERSION: u8 = 1;
 
 /// A message for Kafka, as `kafka.send()` was given it.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Outgoing<'a> {
-    pub publication_id: i32,
-    pub topic: &'a str,
-    pub key: Option<&'a [u8]>,
-    pub value: Option<&'a [u8]>,
+pub(crate) struct Outgoing<'a> {
+    pub(crate) publication_id: i32,
+    pub(crate) topic: &'a str,
+    pub(crate) key: Option<&'a [u8]>,
+    pub(crate) value: Option<&'a [u8]>,
 }
 
 impl Outgoing<'_> {
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(
             16 + self.topic.len() + self.key.map_or(0, <[u8]>::len) + self.value.map_or(0, <[u8]>::len),
         );
@@ -29,7 +29,7 @@ impl Outgoing<'_> {
     }
 
     /// Reads a message written by [`Outgoing::encode`]; `None` if it is not one.
-    pub fn decode(mut input: &[u8]) -> Option<Outgoing<'_>> {
+    pub(crate) fn decode(mut input: &[u8]) -> Option<Outgoing<'_>> {
         let (&version, rest) = input.split_first()?;
         if version != VERSION || rest.len() < 4 {
             return None;

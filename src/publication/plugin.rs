@@ -35,10 +35,10 @@ pub(crate) trait Sink: Any {
 /// What to publish from the slot's changes.
 pub(crate) struct Selection {
     /// Tables whose changes are published.
-    pub tables: HashSet<pg_sys::Oid>,
+    pub(crate) tables: HashSet<pg_sys::Oid>,
     /// Publication whose `kafka.send()` messages are published.
-    pub publication_id: i32,
-    pub topic_template: String,
+    pub(crate) publication_id: i32,
+    pub(crate) topic_template: String,
 }
 
 impl Selection {
@@ -360,4 +360,3 @@ impl Sink for SqlOutput {
         self
     }
 }
-

@@ -8,8 +8,8 @@
 //! only moves past a PostgreSQL transaction once all its events are committed to Kafka.
 
 use super::confirm::ConfirmTracker;
-use super::plugin::Sink;
 use super::events::TxnInfo;
+use super::plugin::Sink;
 use crate::catalog::publication::Publication;
 use crate::error::{BridgeError, Result};
 use crate::kafka::{self, BridgeContext, ErrorMailbox, Options};
@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 /// Most events in one Kafka transaction; a larger PostgreSQL transaction spans several.
 const MAX_EVENTS_PER_KAFKA_TRANSACTION: usize = 50_000;
 /// Longest a Kafka transaction stays open while decoding goes on.
-pub const MAX_KAFKA_TRANSACTION_AGE: Duration = Duration::from_millis(500);
+pub(crate) const MAX_KAFKA_TRANSACTION_AGE: Duration = Duration::from_millis(500);
 /// Kafka calls block for at most this long at a time, so that signals are served.
 const CALL_SLICE: Duration = Duration::from_secs(1);
 /// Longest wait for the broker during set-up or a commit.
@@ -35,9 +35,9 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Where an event stands in the publication's stream: its transaction's commit LSN, then
 /// its index within that transaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Position {
-    pub commit_lsn: u64,
-    pub seq: i64,
+pub(crate) struct Position {
+    pub(crate) commit_lsn: u64,
+    pub(crate) seq: i64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -47,9 +47,9 @@ struct ProgressRecord {
     seq: i64,
 }
 
-pub struct Publisher {
+pub(crate) struct Publisher {
     producer: ThreadedProducer<BridgeContext>,
-    pub errors: ErrorMailbox,
+    pub(crate) errors: ErrorMailbox,
     progress_topic: String,
     transactional_id: String,
     publication: String,
@@ -58,8 +58,8 @@ pub struct Publisher {
     open: Option<OpenTransaction>,
     /// When the slot may be confirmed (the rule is written there).
     confirm: ConfirmTracker,
-    pub events_total: u64,
-    pub last_commit_time: i64,
+    pub(crate) events_total: u64,
+    pub(crate) last_commit_time: i64,
 }
 
 struct OpenTransaction {
@@ -70,23 +70,33 @@ struct OpenTransaction {
 
 impl Publisher {
     /// Connects, fences any earlier incarnation and reads the committed progress.
-    pub fn connect(publication: &Publication, options: &Options) -> Result<Publisher> {
+    pub(crate) fn connect(publication: &Publication, options: &Options) -> Result<Publisher> {
         let transactional_id = transactional_id(publication);
-        let mut config = ClientConfig::new();
-        config.set("queue.buffering.max.kbytes", "16384").set("linger.ms", "5");
-        options.apply(&mut config);
-        config
-            .set("bootstrap.servers", &publication.brokers)
-            .set("transactional.id", &transactional_id)
-            .set("enable.idempotence", "true");
+        let brokers = publication.brokers.as_str();
+        let config = options.client_config(
+            brokers,
+            &[("queue.buffering.max.kbytes", "16384"), ("linger.ms", "5")],
+            &[("transactional.id", &transactional_id), ("enable.idempotence", "true")],
+        );
         let errors = ErrorMailbox::default();
         let producer: ThreadedProducer<BridgeContext> =
             config.create_with_context(BridgeContext { errors: errors.clone() })?;
-        kafka::create_topic_if_missing(&config, &publication.progress_topic, true)?;
+        kafka::create_topic_if_missing(&options.client_config(brokers, &[], &[]), &publication.progress_topic, true)?;
         retry_while_timed_out("initialising the Kafka transactional producer", || {
             producer.init_transactions(CALL_SLICE)
         })?;
-        let committed = read_progress(&config, &publication.progress_topic, &transactional_id)?;
+        let reader = options.client_config(
+            brokers,
+            &[],
+            &[
+                ("group.id", &transactional_id),
+                ("enable.auto.commit", "false"),
+                ("isolation.level", "read_committed"),
+                ("enable.partition.eof", "true"),
+                ("auto.offset.reset", "error"),
+            ],
+        );
+        let committed = read_progress(&reader, &publication.progress_topic, &transactional_id)?;
         Ok(Publisher {
             producer,
             errors,
@@ -101,15 +111,15 @@ impl Publisher {
         })
     }
 
-    pub fn committed(&self) -> Option<Position> {
+    pub(crate) fn committed(&self) -> Option<Position> {
         self.committed
     }
 
-    pub fn has_open_transaction(&self) -> bool {
+    pub(crate) fn has_open_transaction(&self) -> bool {
         self.open.is_some()
     }
 
-    pub fn open_transaction_age(&self) -> Duration {
+    pub(crate) fn open_transaction_age(&self) -> Duration {
         self.open.as_ref().map_or(Duration::ZERO, |t| t.opened_at.elapsed())
     }
 
@@ -120,7 +130,7 @@ impl Publisher {
     }
 
     /// Commits the open Kafka transaction, with its progress record, if there is one.
-    pub fn commit_transaction(&mut self) -> Result<()> {
+    pub(crate) fn commit_transaction(&mut self) -> Result<()> {
         let Some(open) = self.open.take() else {
             return Ok(());
         };
@@ -216,7 +226,7 @@ impl Sink for Publisher {
 
 /// Stable for the publication, and distinct for every server, database and publication
 /// (a publication dropped and created again under its name is another one).
-pub fn transactional_id(publication: &Publication) -> String {
+pub(crate) fn transactional_id(publication: &Publication) -> String {
     // SAFETY: read-only backend globals, set before any worker code runs.
     let (system, database) = unsafe { (pgrx::pg_sys::GetSystemIdentifier(), pgrx::pg_sys::MyDatabaseId) };
     format!("pg_kafka_bridge.{system}.{}.{}", u32::from(database), publication.id)
@@ -243,20 +253,10 @@ fn retry_while_timed_out(what: &str, mut call: impl FnMut() -> rdkafka::error::K
     }
 }
 
-/// The position in the last committed progress record of `key`, read with read_committed
-/// isolation from the end of partition 0 backwards.
+/// The position in the last committed progress record of `key`, read from the end of
+/// partition 0 backwards by a consumer of `config` (read_committed isolation).
 fn read_progress(config: &ClientConfig, topic: &str, key: &str) -> Result<Option<Position>> {
-    let mut consumer_config = config.clone();
-    for managed in ["transactional.id", "enable.idempotence", "queue.buffering.max.kbytes", "linger.ms"] {
-        consumer_config.remove(managed);
-    }
-    let consumer: BaseConsumer = consumer_config
-        .set("group.id", key)
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", "error")
-        .create()?;
+    let consumer: BaseConsumer = config.create()?;
     let (low, high) = consumer
         .fetch_watermarks(topic, 0, SETUP_TIMEOUT)
         .map_err(|e| BridgeError::Kafka(format!("reading the progress topic \"{topic}\": {e}")))?;

@@ -71,7 +71,7 @@ pub(crate) fn create(slot: &str) -> Result<()> {
     }
     run_read_only("SELECT pg_catalog.pg_create_logical_replication_slot($1, $2)", &[slot.into(), PLUGIN.into()])?;
     if !shmem::drop_slot_at_end_of_transaction(slot, DropWhen::RolledBack) {
-        drop_slot(&slot)?;
+        drop_slot(slot)?;
         return Err(too_many_drops());
     }
     Ok(())
@@ -161,7 +161,7 @@ pub(crate) fn drop_orphans() -> Result<()> {
     let pending = shmem::pending_slot_drops();
     for slot in orphans.iter().filter(|slot| !pending.iter().any(|p| p.slot_name() == **slot)) {
         log!("pg_kafka_bridge launcher: dropping replication slot \"{slot}\", which no publication uses");
-        drop_slot(&slot)?;
+        drop_slot(slot)?;
     }
     Ok(())
 }

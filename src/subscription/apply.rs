@@ -20,16 +20,16 @@ use std::ops::Range;
 
 /// A partition's stored position moving from `from` to `to` in this batch.
 #[derive(Clone, Copy, Debug)]
-pub struct Advance {
-    pub partition: i32,
-    pub from: i64,
-    pub to: i64,
+pub(crate) struct OffsetAdvance {
+    pub(crate) partition: i32,
+    pub(crate) from: i64,
+    pub(crate) to: i64,
 }
 
 #[derive(Default, Debug)]
-pub struct BatchOutcome {
-    pub rows: usize,
-    pub dead_letters: usize,
+pub(crate) struct BatchOutcome {
+    pub(crate) rows: usize,
+    pub(crate) dead_letters: usize,
 }
 
 const STAGING_TABLE: &str = "pgkb_upsert_staging";
@@ -38,7 +38,7 @@ const STAGING_TABLE: &str = "pgkb_upsert_staging";
 const STAGING_ORDINAL: &str = "__pgkb_ordinal";
 const STAGING_TOMBSTONE: &str = "__pgkb_tombstone";
 
-pub struct Applier<'a> {
+pub(crate) struct Applier<'a> {
     subscription: &'a Subscription,
     target: &'a Target,
     /// Upsert mode: the session's temporary staging table.
@@ -48,7 +48,7 @@ pub struct Applier<'a> {
 impl<'a> Applier<'a> {
     /// Prepares the writer; in upsert mode this creates the session's staging table, so it
     /// must run inside a transaction.
-    pub fn new(subscription: &'a Subscription, target: &'a Target) -> Result<Applier<'a>> {
+    pub(crate) fn new(subscription: &'a Subscription, target: &'a Target) -> Result<Applier<'a>> {
         let staging = match target.shape.mode() {
             Mode::Insert => None,
             Mode::Upsert => Some(Staging::create(subscription, target)?),
@@ -56,7 +56,7 @@ impl<'a> Applier<'a> {
         Ok(Applier { subscription, target, staging })
     }
 
-    pub fn apply(&self, messages: &Batch, advances: &[Advance]) -> Result<BatchOutcome> {
+    pub(crate) fn apply(&self, messages: &Batch, advances: &[OffsetAdvance]) -> Result<BatchOutcome> {
         let batch = &messages.encoded;
         worker::transaction(|| {
             if !settings::subscription_synchronous_commit() {
@@ -123,7 +123,8 @@ impl<'a> Applier<'a> {
             match &self.staging {
                 None => as_table_owner(owner, || copy_rows(self.target.relid, &columns, text)),
                 Some(staging) => {
-                    let staged: Vec<&str> = columns.iter().copied().chain([STAGING_ORDINAL, STAGING_TOMBSTONE]).collect();
+                    let staged: Vec<&str> =
+                        columns.iter().copied().chain([STAGING_ORDINAL, STAGING_TOMBSTONE]).collect();
                     copy_rows(staging.relid, &staged, text);
                     let first = batch.rows[run.start].message as i32;
                     let last = batch.rows[run.end - 1].message as i32;

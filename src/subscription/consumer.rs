@@ -8,57 +8,55 @@ use crate::settings;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest fetch response asked of the broker (librdkafka's default is 50 MB).
-const FETCH_MAX_BYTES: usize = 8 << 20;
+const FETCH_MAX_BYTES: &str = "8388608";
 /// Wait before fetching again after the pre-fetch buffer was full.
-const FETCH_QUEUE_BACKOFF_MS: u32 = 10;
+const FETCH_QUEUE_BACKOFF_MS: &str = "10";
 
-pub struct Source {
-    pub consumer: BaseConsumer<BridgeContext>,
-    pub errors: ErrorMailbox,
+pub(crate) struct TopicConsumer {
+    pub(crate) consumer: BaseConsumer<BridgeContext>,
+    pub(crate) errors: ErrorMailbox,
     topic: String,
 }
 
-impl Source {
-    pub fn connect(subscription: &Subscription, options: &Options) -> Result<Source> {
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", &subscription.brokers)
-            .set("group.id", format!("pg_kafka_bridge.{}", subscription.name))
-            .set("client.id", format!("pg_kafka_bridge.{}", subscription.name))
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("isolation.level", "read_committed")
-            // A stored position the broker no longer has must stop the subscription with an
-            // error, never silently skip or replay messages.
-            .set("auto.offset.reset", "error")
-            .set("enable.partition.eof", "false");
+impl TopicConsumer {
+    pub(crate) fn connect(subscription: &Subscription, options: &Options) -> Result<TopicConsumer> {
+        let client_name = format!("pg_kafka_bridge.{}", subscription.name);
         // Memory stays bounded whatever the backlog: what librdkafka pre-fetches, and how big
         // one fetch response may be. Once that buffer was full, librdkafka waits
         // fetch.queue.backoff.ms before fetching again (a whole second by default), which
         // would stall a worker that drains its buffer in milliseconds. A subscription's
         // options override each of these.
+        let queue_kbytes = settings::consumer_queue_kbytes().to_string();
         let defaults = [
-            ("queued.max.messages.kbytes", settings::consumer_queue_kbytes().to_string()),
-            ("fetch.max.bytes", FETCH_MAX_BYTES.to_string()),
-            ("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS.to_string()),
+            ("client.id", client_name.as_str()),
+            ("queued.max.messages.kbytes", queue_kbytes.as_str()),
+            ("fetch.max.bytes", FETCH_MAX_BYTES),
+            ("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS),
         ];
-        for (name, value) in defaults.iter().filter(|(name, _)| !options.contains(name)) {
-            config.set(*name, value);
-        }
-        options.apply(&mut config);
+        let managed = [
+            ("group.id", client_name.as_str()),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("isolation.level", "read_committed"),
+            // A stored position the broker no longer has must stop the subscription with an
+            // error, never silently skip or replay messages.
+            ("auto.offset.reset", "error"),
+            ("enable.partition.eof", "false"),
+        ];
+        let config = options.client_config(&subscription.brokers, &defaults, &managed);
         let errors = ErrorMailbox::default();
         let consumer = config.create_with_context(BridgeContext { errors: errors.clone() })?;
-        Ok(Source { consumer, errors, topic: subscription.topic.clone() })
+        Ok(TopicConsumer { consumer, errors, topic: subscription.topic.clone() })
     }
 
     /// The topic's partitions, from the broker's metadata.
-    pub fn partitions(&self) -> Result<Vec<i32>> {
+    pub(crate) fn partitions(&self) -> Result<Vec<i32>> {
         let metadata = self.consumer.fetch_metadata(Some(&self.topic), METADATA_TIMEOUT)?;
         let topic = metadata.topics().iter().find(|t| t.name() == self.topic).ok_or_else(|| {
             BridgeError::Kafka(format!("topic \"{}\" is missing from the broker's metadata", self.topic))
@@ -76,13 +74,13 @@ impl Source {
     }
 
     /// The first or the next-to-be-written offset of a partition, asked of the broker.
-    pub fn boundary(&self, partition: i32, latest: bool) -> Result<i64> {
+    pub(crate) fn boundary(&self, partition: i32, latest: bool) -> Result<i64> {
         let (low, high) = self.consumer.fetch_watermarks(&self.topic, partition, METADATA_TIMEOUT)?;
         Ok(if latest { high } else { low })
     }
 
     /// Starts fetching each partition at the given offset, replacing any earlier assignment.
-    pub fn assign(&self, positions: &BTreeMap<i32, i64>) -> Result<()> {
+    pub(crate) fn assign(&self, positions: &BTreeMap<i32, i64>) -> Result<()> {
         let mut list = TopicPartitionList::new();
         for (&partition, &offset) in positions {
             list.add_partition_offset(&self.topic, partition, Offset::Offset(offset))?;
@@ -94,7 +92,7 @@ impl Source {
     /// Tells the broker's consumer group the positions PostgreSQL just committed, so that
     /// Kafka's lag tools see the subscription. Informational only: positions are always read
     /// back from PostgreSQL, and a failed commit here changes nothing.
-    pub fn publish_positions(&self, positions: impl Iterator<Item = (i32, i64)>) {
+    pub(crate) fn publish_positions(&self, positions: impl Iterator<Item = (i32, i64)>) {
         let mut list = TopicPartitionList::new();
         for (partition, offset) in positions {
             if list.add_partition_offset(&self.topic, partition, Offset::Offset(offset)).is_err() {
@@ -105,7 +103,7 @@ impl Source {
     }
 
     /// The partition's high watermark as last seen in a fetch response (no network call).
-    pub fn cached_high_watermark(&self, partition: i32) -> Option<i64> {
+    pub(crate) fn cached_high_watermark(&self, partition: i32) -> Option<i64> {
         let topic = std::ffi::CString::new(self.topic.as_str()).ok()?;
         let (mut low, mut high) = (-1i64, -1i64);
         // SAFETY: the client handle belongs to `self.consumer`, alive for the call; `topic`
@@ -126,7 +124,7 @@ impl Source {
 
 /// Whether an error returned while polling means the assignment cannot go on as it is
 /// (as opposed to a passing network problem that librdkafka retries by itself).
-pub fn is_fatal_poll_error(e: &KafkaError) -> bool {
+pub(crate) fn is_fatal_poll_error(e: &KafkaError) -> bool {
     use RDKafkaErrorCode::*;
     matches!(
         e.rdkafka_error_code(),

@@ -2,11 +2,11 @@
 //! `p % workers == worker index`; it reads them from the offsets stored in `kafka.offsets`
 //! and applies each batch in one transaction with the offsets it moves.
 
-pub mod apply;
-pub mod consumer;
-pub mod copy;
-pub mod prefetch;
-pub mod target;
+pub(crate) mod apply;
+pub(crate) mod consumer;
+pub(crate) mod copy;
+pub(crate) mod prefetch;
+pub(crate) mod target;
 
 use crate::catalog::{self, Subscription};
 use crate::error::{BridgeError, Result};
@@ -15,10 +15,10 @@ use crate::kafka::Options;
 use crate::settings;
 use crate::shmem::{self, PartitionProgress, SlotId, WorkerState};
 use crate::worker::{self, Backoff, RateMeter};
-use apply::{Advance, Applier};
-use consumer::Source;
+use apply::{Applier, OffsetAdvance};
+use consumer::TopicConsumer;
 use pgrx::prelude::*;
-use prefetch::{Prefetcher, Reader};
+use prefetch::{BatchReader, Prefetcher};
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -56,7 +56,7 @@ struct SubscriptionWorker {
 struct Session<'a> {
     subscription: &'a Subscription,
     target: &'a Target,
-    source: Arc<Source>,
+    source: Arc<TopicConsumer>,
     applier: &'a Applier<'a>,
 }
 
@@ -64,7 +64,7 @@ impl SubscriptionWorker {
     fn run(&mut self) {
         let mut backoff = Backoff::default();
         loop {
-            worker::check_signals();
+            worker::check_interrupts_and_reload();
             match self.session(&mut backoff) {
                 Ok(SessionEnd::Exit) => return,
                 Ok(SessionEnd::Restart) => backoff.reset(),
@@ -79,7 +79,7 @@ impl SubscriptionWorker {
             return Ok(SessionEnd::Exit);
         };
         worker::report_application_name(&subscription.name);
-        let source = Arc::new(Source::connect(&subscription, &options)?);
+        let source = Arc::new(TopicConsumer::connect(&subscription, &options)?);
         let all_partitions = source.partitions()?;
         let partitions = self.owned(&all_partitions, subscription.workers);
         let mut positions = self.positions(&subscription, &source, &partitions, all_partitions.len() as i32)?;
@@ -106,7 +106,7 @@ impl SubscriptionWorker {
         backoff: &mut Backoff,
     ) -> Result<SessionEnd> {
         let subscription = session.subscription;
-        let prefetcher = Prefetcher::start(Reader {
+        let prefetcher = Prefetcher::start(BatchReader {
             source: session.source.clone(),
             shape: Arc::new(session.target.shape.clone()),
             topic: subscription.topic.clone(),
@@ -118,7 +118,7 @@ impl SubscriptionWorker {
         let mut meter = RateMeter::default();
         let mut next_publish = Instant::now();
         loop {
-            worker::check_signals();
+            worker::check_interrupts_and_reload();
             if Instant::now() >= next_refresh {
                 if self.owned(&session.source.partitions()?, subscription.workers) != partitions {
                     return Ok(SessionEnd::Restart);
@@ -132,7 +132,7 @@ impl SubscriptionWorker {
             };
             let mut batch = batch?;
             let broker_error = batch.broker_error.take().or_else(|| session.source.errors.take());
-            let mut advances: BTreeMap<i32, Advance> = BTreeMap::new();
+            let mut advances: BTreeMap<i32, OffsetAdvance> = BTreeMap::new();
             for m in &batch.messages {
                 // The consumer starts at the stored positions and never seeks within a
                 // session, so anything else means the assignment changed under us.
@@ -142,7 +142,7 @@ impl SubscriptionWorker {
                         m.offset, m.partition
                     )));
                 };
-                advances.entry(m.partition).or_insert(Advance { partition: m.partition, from, to: from }).to =
+                advances.entry(m.partition).or_insert(OffsetAdvance { partition: m.partition, from, to: from }).to =
                     m.offset + 1;
             }
             if advances.is_empty() {
@@ -150,7 +150,7 @@ impl SubscriptionWorker {
                 self.report(&session.source, positions, &meter, 0, broker_error.as_deref());
                 continue;
             }
-            let advances: Vec<Advance> = advances.into_values().collect();
+            let advances: Vec<OffsetAdvance> = advances.into_values().collect();
             let outcome = session.applier.apply(&batch, &advances)?;
             for a in &advances {
                 positions.insert(a.partition, a.to);
@@ -175,7 +175,7 @@ impl SubscriptionWorker {
     /// Publishes progress (and a broker problem, if any) in the worker's slot.
     fn report(
         &self,
-        source: &Source,
+        source: &TopicConsumer,
         positions: &BTreeMap<i32, i64>,
         meter: &RateMeter,
         applied: usize,
@@ -190,12 +190,12 @@ impl SubscriptionWorker {
             })
             .collect();
         shmem::update(self.id, |slot| {
-            slot.rows_total += applied as i64;
-            slot.rows_per_second = meter.rate;
+            slot.processed_total += applied as i64;
+            slot.processed_per_second = meter.rate;
             slot.set_partitions(progress.into_iter());
             match broker_error {
                 Some(e) => {
-                    slot.state = WorkerState::Retrying;
+                    slot.state = WorkerState::Error;
                     slot.set_error(&format!("Kafka: {e}"));
                 }
                 None if applied > 0 => slot.state = WorkerState::Running,
@@ -237,7 +237,7 @@ impl SubscriptionWorker {
     fn positions(
         &self,
         subscription: &Subscription,
-        source: &Source,
+        source: &TopicConsumer,
         partitions: &[i32],
         partition_count: i32,
     ) -> Result<BTreeMap<i32, i64>> {

@@ -4,7 +4,7 @@
 //! waits for the main thread, so memory stays bounded by about three batches (of at most
 //! `batch_size` messages and 4 MB each).
 
-use super::consumer::{self, Source};
+use super::consumer::{self, TopicConsumer};
 use crate::error::{BridgeError, Result};
 use crate::format::{EncodedBatch, Message as RowMessage, TargetShape};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
@@ -25,9 +25,9 @@ const MAX_BATCH_BYTES: usize = 4 << 20;
 const CLOCK_CHECK_INTERVAL: usize = 256;
 
 /// A message of a batch: its position, and where its key and value are in the batch's data.
-pub struct BatchMessage {
-    pub partition: i32,
-    pub offset: i64,
+pub(crate) struct BatchMessage {
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
     key: Option<Range<usize>>,
     payload: Option<Range<usize>>,
     timestamp_ms: Option<i64>,
@@ -35,14 +35,14 @@ pub struct BatchMessage {
 }
 
 /// A batch ready to be applied: the messages in the order Kafka gave them, and their rows.
-pub struct Batch {
-    pub messages: Vec<BatchMessage>,
+pub(crate) struct Batch {
+    pub(crate) messages: Vec<BatchMessage>,
     /// The keys and values of all messages, copied out of librdkafka's buffers into one
     /// allocation rather than two per message.
     data: Vec<u8>,
-    pub encoded: EncodedBatch,
+    pub(crate) encoded: EncodedBatch,
     /// A passing broker problem met while polling (librdkafka retries by itself).
-    pub broker_error: Option<String>,
+    pub(crate) broker_error: Option<String>,
 }
 
 impl Batch {
@@ -65,7 +65,7 @@ impl Batch {
     }
 
     /// Message number `index` of the batch, as the row encoder and the dead letters see it.
-    pub fn message<'a>(&'a self, index: usize, topic: &'a str) -> RowMessage<'a> {
+    pub(crate) fn message<'a>(&'a self, index: usize, topic: &'a str) -> RowMessage<'a> {
         let m = &self.messages[index];
         RowMessage {
             topic,
@@ -85,14 +85,14 @@ fn stash(data: &mut Vec<u8>, bytes: Option<&[u8]>) -> Option<Range<usize>> {
     Some(data.len() - bytes.len()..data.len())
 }
 
-pub struct Prefetcher {
+pub(crate) struct Prefetcher {
     batches: Option<Receiver<Result<Batch>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Prefetcher {
-    pub fn start(reader: Reader) -> Prefetcher {
+    pub(crate) fn start(reader: BatchReader) -> Prefetcher {
         let (sender, batches) = sync_channel(1);
         let stop = reader.stop.clone();
         // The thread starts with every signal blocked, so that PostgreSQL's handlers (SIGTERM,
@@ -107,26 +107,25 @@ impl Prefetcher {
             libc::sigfillset(&mut all);
             libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut previous);
         }
-        let thread = std::thread::Builder::new()
-            .name("pgkb-prefetch".into())
-            .spawn(move || {
-                while !reader.stop.load(Ordering::Relaxed) {
-                    let batch = reader.read_batch();
-                    let failed = batch.is_err();
-                    if sender.send(batch).is_err() || failed {
-                        return;
-                    }
+        let spawned = std::thread::Builder::new().name("pgkb-prefetch".into()).spawn(move || {
+            while !reader.stop.load(Ordering::Relaxed) {
+                let batch = reader.read_batch();
+                let failed = batch.is_err();
+                if sender.send(batch).is_err() || failed {
+                    return;
                 }
-            })
-            .expect("spawn the prefetch thread");
+            }
+        });
         // SAFETY: `previous` holds the mask pthread_sigmask saved above; restores it on the
-        // main thread, the new thread keeping the all-blocked mask it inherited.
+        // main thread, the new thread keeping the all-blocked mask it inherited. Done before
+        // looking at the outcome, so that a failed spawn leaves the worker's signals working.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut()) };
+        let thread = spawned.expect("spawn the prefetch thread");
         Prefetcher { batches: Some(batches), stop, thread: Some(thread) }
     }
 
     /// The next batch (possibly empty), or `None` if none is ready within `timeout`.
-    pub fn next(&self, timeout: Duration) -> Option<Result<Batch>> {
+    pub(crate) fn next(&self, timeout: Duration) -> Option<Result<Batch>> {
         match self.batches.as_ref()?.recv_timeout(timeout) {
             Ok(batch) => Some(batch),
             Err(RecvTimeoutError::Timeout) => None,
@@ -149,16 +148,16 @@ impl Drop for Prefetcher {
 }
 
 /// What the prefetch thread reads, and how.
-pub struct Reader {
-    pub source: Arc<Source>,
-    pub shape: Arc<TargetShape>,
-    pub topic: String,
-    pub batch_size: usize,
-    pub batch_timeout: Duration,
-    pub stop: Arc<AtomicBool>,
+pub(crate) struct BatchReader {
+    pub(crate) source: Arc<TopicConsumer>,
+    pub(crate) shape: Arc<TargetShape>,
+    pub(crate) topic: String,
+    pub(crate) batch_size: usize,
+    pub(crate) batch_timeout: Duration,
+    pub(crate) stop: Arc<AtomicBool>,
 }
 
-impl Reader {
+impl BatchReader {
     /// Polls up to `batch_size` messages and encodes them. Returns an empty batch after a
     /// short wait if none come; once the first message is in, waits at most `batch_timeout`
     /// for the batch to fill.

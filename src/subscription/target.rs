@@ -8,17 +8,17 @@ use pgrx::prelude::*;
 use pgrx::PgTupleDesc;
 
 /// The target table of a subscription, resolved and described.
-pub struct Target {
-    pub relid: pg_sys::Oid,
-    pub shape: TargetShape,
+pub(crate) struct Target {
+    pub(crate) relid: pg_sys::Oid,
+    pub(crate) shape: TargetShape,
     /// Schema-qualified, quoted name, for messages and generated SQL.
-    pub quoted_name: String,
+    pub(crate) quoted_name: String,
     /// The writable columns' names and types when the table was described.
     signature: Option<String>,
 }
 
 impl Target {
-    pub fn open(
+    pub(crate) fn open(
         schema: &str,
         table: &str,
         format: Format,
@@ -35,7 +35,7 @@ impl Target {
         Target::describe(relid, quoted_name, format, mode, key_columns)
     }
 
-    pub fn describe(
+    pub(crate) fn describe(
         relid: pg_sys::Oid,
         quoted_name: String,
         format: Format,
@@ -62,7 +62,7 @@ impl Target {
 
     /// Fails if the table's columns changed since it was described (or it is gone): the
     /// worker then describes it again rather than write rows shaped for the old table.
-    pub fn check_unchanged(&self) -> Result<()> {
+    pub(crate) fn check_unchanged(&self) -> Result<()> {
         if column_signature(self.relid)? == self.signature {
             return Ok(());
         }
@@ -73,7 +73,7 @@ impl Target {
     }
 
     /// Checks that `role` may write the table as the subscription's mode needs.
-    pub fn check_writable_by(&self, role: pg_sys::Oid) -> Result<()> {
+    pub(crate) fn check_writable_by(&self, role: pg_sys::Oid) -> Result<()> {
         let role_exists = Spi::get_one_with_args::<bool>(
             "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE oid = $1)",
             &[role.into()],
