@@ -93,11 +93,19 @@ SELECT data::jsonb #- '{value,source,lsn}' #- '{value,source,txid}' #- '{value,s
                    #- '{value,after,big}' AS event,
        length(data::jsonb #>> '{value,after,big}') AS big
   FROM pg_logical_slot_peek_changes((SELECT slot_name FROM kafka.publications WHERE name = 'items_out'), NULL, NULL);
--- Positions grow with commit order, and commit times are UTC timestamps.
+-- Positions (commit LSN, seq) grow strictly in the order the events come, and commit times
+-- are UTC timestamps.
+WITH events AS (
+  SELECT n, (data::jsonb #>> '{value,source,lsn}')::numeric AS lsn, (data::jsonb #>> '{value,source,seq}')::int AS seq,
+         data::jsonb #>> '{value,source,commit_time}' AS commit_time
+    FROM pg_logical_slot_peek_changes((SELECT slot_name FROM kafka.publications WHERE name = 'items_out'), NULL, NULL)
+         WITH ORDINALITY AS c(lsn, xid, data, n)
+   WHERE data::jsonb ? 'value' AND jsonb_typeof(data::jsonb -> 'value') = 'object')
 SELECT count(*) AS events,
-       bool_and((data::jsonb #>> '{value,source,commit_time}') ~ '^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$') AS utc
-  FROM pg_logical_slot_peek_changes((SELECT slot_name FROM kafka.publications WHERE name = 'items_out'), NULL, NULL)
- WHERE data::jsonb ? 'value' AND jsonb_typeof(data::jsonb -> 'value') = 'object';
+       bool_and(previous_lsn IS NULL OR (lsn, seq) > (previous_lsn, previous_seq)) AS positions_grow,
+       bool_and(commit_time ~ '^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$') AS utc
+  FROM (SELECT *, lag(lsn) OVER (ORDER BY n) AS previous_lsn, lag(seq) OVER (ORDER BY n) AS previous_seq
+          FROM events) e;
 
 -- Privileges: management functions and kafka.send are not for PUBLIC; other roles see
 -- neither the secrets nor can they send through another's publication.

@@ -38,6 +38,11 @@ SELECT subscription, state FROM kafka.subscription_status;
 SELECT kafka.start_subscription('orders_in');
 SELECT name, enabled FROM kafka.subscriptions;
 
+-- A stored position (as a worker would store it): its owner sees it.
+INSERT INTO kafka.offsets (subscription_id, subscription, topic, partition, next_offset)
+SELECT id, name, topic, 0, 42 FROM kafka.subscription_catalog WHERE name = 'orders_in';
+SELECT subscription, partition, next_offset FROM kafka.offsets;
+
 -- Another role: cannot manage subscriptions, sees no secrets, sees no other's offsets.
 CREATE ROLE regress_kafka_user;
 SET ROLE regress_kafka_user;

@@ -61,7 +61,7 @@ impl PublicationWorker {
         };
         worker::report_application_name(&publication.name);
         pin_output_settings();
-        let publisher = Publisher::connect(&publication, &options)?;
+        let publisher = Publisher::connect(&publication, &options, self.id)?;
         let mut meter = RateMeter::default();
         let mut reported_events = 0;
         self.report(&publisher, &mut meter, &mut reported_events);
@@ -109,16 +109,7 @@ impl PublicationWorker {
     fn report(&self, publisher: &Publisher, meter: &mut RateMeter, reported_events: &mut u64) {
         meter.record((publisher.events_total - *reported_events) as usize);
         *reported_events = publisher.events_total;
-        let committed = publisher.committed();
-        let commit_time = publisher.last_commit_time;
         shmem::update(self.id, |slot| {
-            if let Some(position) = committed {
-                slot.published_lsn = position.commit_lsn;
-                slot.published_seq = position.seq;
-            }
-            if commit_time != 0 {
-                slot.published_commit_time = commit_time;
-            }
             slot.processed_per_second = meter.rate;
             slot.processed_total = *reported_events as i64;
         });

@@ -13,6 +13,7 @@ use super::plugin::Sink;
 use crate::catalog::publication::Publication;
 use crate::error::{BridgeError, Result};
 use crate::kafka::{self, BridgeContext, ErrorMailbox, Options};
+use crate::shmem::{self, SlotId};
 use crate::worker;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -59,18 +60,22 @@ pub(crate) struct Publisher {
     /// When the slot may be confirmed (the rule is written there).
     confirm: ConfirmTracker,
     pub(crate) events_total: u64,
-    pub(crate) last_commit_time: i64,
+    /// The worker's status slot, where each Kafka commit shows its position at once (a
+    /// large PostgreSQL transaction is published in several while it is replayed).
+    status: SlotId,
 }
 
 struct OpenTransaction {
     opened_at: Instant,
     events: usize,
     last: Position,
+    /// Commit time of the PostgreSQL transaction of `last`.
+    last_commit_time: i64,
 }
 
 impl Publisher {
     /// Connects, fences any earlier incarnation and reads the committed progress.
-    pub(crate) fn connect(publication: &Publication, options: &Options) -> Result<Publisher> {
+    pub(crate) fn connect(publication: &Publication, options: &Options, status: SlotId) -> Result<Publisher> {
         let transactional_id = transactional_id(publication);
         let brokers = publication.brokers.as_str();
         let config = options.client_config(
@@ -97,6 +102,12 @@ impl Publisher {
             ],
         );
         let committed = read_progress(&reader, &publication.progress_topic, &transactional_id)?;
+        if let Some(position) = committed {
+            shmem::update(status, |slot| {
+                slot.published_lsn = position.commit_lsn;
+                slot.published_seq = position.seq;
+            });
+        }
         Ok(Publisher {
             producer,
             errors,
@@ -107,12 +118,8 @@ impl Publisher {
             open: None,
             confirm: ConfirmTracker::default(),
             events_total: 0,
-            last_commit_time: 0,
+            status,
         })
-    }
-
-    pub(crate) fn committed(&self) -> Option<Position> {
-        self.committed
     }
 
     pub(crate) fn has_open_transaction(&self) -> bool {
@@ -154,6 +161,11 @@ impl Publisher {
         }
         self.committed = Some(open.last);
         self.confirm.kafka_transaction_committed();
+        shmem::update(self.status, |slot| {
+            slot.published_lsn = open.last.commit_lsn;
+            slot.published_seq = open.last.seq;
+            slot.published_commit_time = open.last_commit_time;
+        });
         Ok(())
     }
 
@@ -181,7 +193,8 @@ impl Publisher {
     fn begin_if_needed(&mut self, position: Position) -> Result<&mut OpenTransaction> {
         if self.open.is_none() {
             self.producer.begin_transaction()?;
-            self.open = Some(OpenTransaction { opened_at: Instant::now(), events: 0, last: position });
+            self.open =
+                Some(OpenTransaction { opened_at: Instant::now(), events: 0, last: position, last_commit_time: 0 });
             self.confirm.kafka_transaction_opened();
         }
         Ok(self.open.as_mut().expect("just opened"))
@@ -204,10 +217,10 @@ impl Sink for Publisher {
         }
         self.send(record)?;
         self.events_total += 1;
-        self.last_commit_time = txn.commit_time;
         let open = self.open.as_mut().expect("opened above");
         open.events += 1;
         open.last = position;
+        open.last_commit_time = txn.commit_time;
         if open.events >= MAX_EVENTS_PER_KAFKA_TRANSACTION {
             self.commit_transaction()?;
         }

@@ -117,8 +117,18 @@ impl SubscriptionWorker {
         let mut next_refresh = Instant::now() + settings::metadata_refresh();
         let mut meter = RateMeter::default();
         let mut next_publish = Instant::now();
+        let mut published: Option<BTreeMap<i32, i64>> = None;
         loop {
             worker::check_interrupts_and_reload();
+            // Also when the topic went quiet: the last positions reach the group too.
+            if settings::publish_consumer_offsets()
+                && Instant::now() >= next_publish
+                && published.as_ref() != Some(&*positions)
+            {
+                session.source.publish_positions(positions.iter().map(|(p, o)| (*p, *o)));
+                published = Some(positions.clone());
+                next_publish = Instant::now() + PUBLISH_INTERVAL;
+            }
             if Instant::now() >= next_refresh {
                 if self.owned(&session.source.partitions()?, subscription.workers) != partitions {
                     return Ok(SessionEnd::Restart);
@@ -154,10 +164,6 @@ impl SubscriptionWorker {
             let outcome = session.applier.apply(&batch, &advances)?;
             for a in &advances {
                 positions.insert(a.partition, a.to);
-            }
-            if settings::publish_consumer_offsets() && Instant::now() >= next_publish {
-                session.source.publish_positions(positions.iter().map(|(p, o)| (*p, *o)));
-                next_publish = Instant::now() + PUBLISH_INTERVAL;
             }
             // Flush the table statistics now and then (at most once a second), so that
             // autovacuum and autoanalyze see the worker's writes.

@@ -15,6 +15,10 @@ pub struct Control {
     pub stop: AtomicBool,
     /// Changes attempted so far (committed or rolled back).
     pub attempted: AtomicI64,
+    /// Large transactions committed so far.
+    pub big_committed: AtomicI64,
+    /// Asks for one more large transaction.
+    big_wanted: AtomicBool,
     pause: AtomicBool,
     paused: AtomicBool,
 }
@@ -30,6 +34,11 @@ impl Control {
 
     pub fn resume(&self) {
         self.pause.store(false, Ordering::SeqCst);
+    }
+
+    /// Has the workload run one more large transaction, as soon as it can.
+    pub fn request_big_transaction(&self) {
+        self.big_wanted.store(true, Ordering::SeqCst);
     }
 
     fn hold_while_paused(&self) {
@@ -56,14 +65,15 @@ pub fn create_tables(pg: &mut Client, table: &str, log: &str) {
 /// them inserts `big` rows at once, and about one in eight rolls back (their rows have pad
 /// "rollback"). Reconnects after a crash restart of the server.
 pub fn run(table: &str, log: &str, target: i64, big: i64, control: &Control) {
-    let Control { stop, attempted, .. } = control;
+    let Control { stop, attempted, big_committed, big_wanted, .. } = control;
     let mut rng = Rng::new();
     let mut pg = pg();
     let mut next_id = 1i64;
     let mut big_done = big == 0;
     while !(stop.load(Ordering::SeqCst) && attempted.load(Ordering::SeqCst) >= target && big_done) {
         control.hold_while_paused();
-        let big_now = !big_done && attempted.load(Ordering::SeqCst) > 10_000;
+        let big_now =
+            (!big_done && attempted.load(Ordering::SeqCst) > 10_000) || big_wanted.swap(false, Ordering::SeqCst);
         let rollback = !big_now && rng.below(8) == 0;
         let n = if big_now { big } else { [1, 10, 100, 1000][rng.below(4) as usize] };
         let pad = if rollback { "rollback" } else { "kept" };
@@ -101,9 +111,13 @@ pub fn run(table: &str, log: &str, target: i64, big: i64, control: &Control) {
         match pg.batch_execute(&format!("BEGIN; {statement}; {end}")) {
             Ok(()) => {
                 attempted.fetch_add(n, Ordering::SeqCst);
-                big_done |= big_now;
-                // About 3,000 changes a second: the crashes hit a workload that lasts.
-                std::thread::sleep(Duration::from_micros(n as u64 * 330));
+                if big_now {
+                    big_done = true;
+                    big_committed.fetch_add(1, Ordering::SeqCst);
+                }
+                // About 3,000 changes a second, so that the crashes hit a workload that lasts;
+                // at most a second's pause after a large transaction.
+                std::thread::sleep(Duration::from_micros(n as u64 * 330).min(Duration::from_secs(1)));
             }
             // The server went down under us (a crash restart): the log says what committed.
             Err(_) => pg = crate::pg(),

@@ -125,7 +125,7 @@ fn changes_made_while_stopped_are_published_after_start() {
 }
 
 #[test]
-fn an_unreachable_broker_and_a_missing_slot_show_in_the_status() {
+fn an_unreachable_broker_and_a_missing_slot_show_in_the_status_and_nothing_is_lost() {
     let mut pg = pg();
     let (table, name) = (unique("t"), unique("pub"));
     pg.batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)")).unwrap();
@@ -137,6 +137,16 @@ fn an_unreachable_broker_and_a_missing_slot_show_in_the_status() {
     wait_for("the broker error in the status", TIMEOUT, || {
         publication_error(&mut pg, &name).is_some_and(|e| e.contains("Kafka"))
     });
+    // Changes made while the broker cannot be reached stay in the slot: once the publication
+    // reaches a broker, they are published.
+    pg.batch_execute(&format!("INSERT INTO {table} VALUES (1), (2), (3)")).unwrap();
+    stop_publication(&mut pg, &name);
+    pg.batch_execute(&format!("UPDATE kafka.publication_catalog SET brokers = '{}' WHERE name = '{name}'", brokers()))
+        .unwrap();
+    pg.batch_execute(&format!("SELECT kafka.start_publication('{name}')")).unwrap();
+    let events = consume_events(&format!("public.{table}"), 3, TIMEOUT);
+    let ids: Vec<_> = events.iter().map(|e| e.after()["id"].clone()).collect();
+    assert_eq!(ids, vec![json!(1), json!(2), json!(3)], "{}", publication_status(&mut pg, &name));
 
     stop_publication(&mut pg, &name);
     let slot = slot_of(&mut pg, &name);

@@ -3,10 +3,14 @@
 //! changes, both workers are killed with SIGKILL and the server is stopped in immediate
 //! mode; the two tables must end identical.
 //!
-//! Crashes come while the workload is held and everything written is published, so that the
-//! subscription is caught in the middle of applying it (it lags behind) but the publication
-//! has no Kafka transaction open. (A kill -9 of any backend restarts them all.) A publication
-//! killed in the middle of a Kafka transaction leaves an aborted transaction in the topic,
+//! The subscription's worker is killed inside a batch transaction while the workload runs.
+//! A trigger on the target logs every row it applies: a change applied twice (a replay that
+//! an upsert would hide) shows as a duplicate there.
+//!
+//! The publication's worker, and the server, are crashed while the workload is held and
+//! everything written is published, so that the publication has no Kafka transaction open.
+//! (A kill -9 of any backend restarts them all.) A publication killed in the middle of a
+//! Kafka transaction leaves an aborted transaction in the topic,
 //! and the local broker then lists that transaction in every later fetch response, which
 //! makes librdkafka's consumer skip the same producer's later committed batches: a broker
 //! bug (Kafka lists only the aborted transactions a fetch overlaps). Killing the publication
@@ -20,9 +24,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-fn subscription_workers(pg: &mut postgres::Client, sub: &str) -> Vec<i32> {
+/// PIDs of the subscription's workers inside a batch transaction that has written.
+fn subscription_workers_applying(pg: &mut postgres::Client, sub: &str) -> Vec<i32> {
     pg.query(
-        "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_kafka_bridge subscription' AND application_name = $1",
+        "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_kafka_bridge subscription' \
+           AND application_name = $1 AND backend_xid IS NOT NULL",
         &[&sub],
     )
     .map(|rows| rows.iter().map(|r| r.get(0)).collect())
@@ -36,8 +42,23 @@ fn a_table_copied_through_kafka_ends_identical_after_crashes_on_both_sides() {
     let (source, log, target, publication, sub, prefix) =
         (unique("source"), unique("log"), unique("target"), unique("pub"), unique("sub"), unique("trip"));
     workload::create_tables(&mut pg, &source, &log);
-    pg.batch_execute(&format!("CREATE TABLE {target} (id bigint PRIMARY KEY, version bigint NOT NULL, pad text)"))
-        .unwrap();
+    let applied = unique("applied");
+    pg.batch_execute(&format!(
+        "CREATE TABLE {target} (id bigint PRIMARY KEY, version bigint NOT NULL, pad text);
+         CREATE TABLE public.{applied} (id bigint, version bigint, op text);
+         CREATE FUNCTION public.{applied}_log() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF TG_OP = 'DELETE' THEN
+             INSERT INTO public.{applied} VALUES (OLD.id, OLD.version, 'd');
+           ELSE
+             INSERT INTO public.{applied} VALUES (NEW.id, NEW.version, TG_OP);
+           END IF;
+           RETURN NULL;
+         END $$;
+         CREATE TRIGGER log_applied AFTER INSERT OR UPDATE OR DELETE ON {target}
+           FOR EACH ROW EXECUTE FUNCTION public.{applied}_log();"
+    ))
+    .unwrap();
     create_publication(&mut pg, &publication, &[&source], &format!(", topic => '{prefix}.{{table}}'"));
     // The local broker answers a fetch with the whole rest of the topic.
     let options = if local_broker() { r#"{"receive.message.max.bytes": "2000000000"}"# } else { "{}" };
@@ -56,26 +77,36 @@ fn a_table_copied_through_kafka_ends_identical_after_crashes_on_both_sides() {
     };
     let mut history = Vec::new();
     for round in 0..8 {
-        let side = if round % 2 == 0 { "publication" } else { "subscription" };
+        std::thread::sleep(Duration::from_millis(300 + rng.below(1500)));
+        if round % 2 == 1 {
+            let mut pids = Vec::new();
+            wait_for("a subscription worker inside a batch transaction", Duration::from_secs(120), || {
+                pids = subscription_workers_applying(&mut pg, &sub);
+                if pids.is_empty() && pg.is_closed() {
+                    pg = pg_kafka_bridge_e2e::pg();
+                }
+                !pids.is_empty()
+            });
+            let killed = Command::new("kill").args(["-9", &pids[0].to_string()]).status().unwrap().success();
+            history
+                .push(format!("kill -9 of the subscription worker {} inside a batch transaction: {killed}", pids[0]));
+            pg = pg_kafka_bridge_e2e::pg();
+            continue;
+        }
         let mut pids = Vec::new();
-        wait_for(&format!("a running {side} worker"), Duration::from_secs(90), || {
-            pids = if side == "publication" {
-                publication_worker_pids(&mut pg, &publication)
-            } else {
-                subscription_workers(&mut pg, &sub)
-            };
+        wait_for("a running publication worker", Duration::from_secs(90), || {
+            pids = publication_worker_pids(&mut pg, &publication);
             if pids.is_empty() {
                 pg = pg_kafka_bridge_e2e::pg();
             }
             !pids.is_empty()
         });
-        std::thread::sleep(Duration::from_millis(300 + rng.below(1500)));
         control.pause();
         wait_until_published(&mut pg, &publication);
         let killed = Command::new("kill").args(["-9", &pids[0].to_string()]).status().unwrap().success();
-        history.push(format!("kill -9 of the {side} worker {}: {killed}", pids[0]));
+        history.push(format!("kill -9 of the publication worker {}: {killed}", pids[0]));
         pg = pg_kafka_bridge_e2e::pg();
-        if round == 5 {
+        if round == 4 {
             script("cluster", &["kill"]);
             script("cluster", &["start"]);
             history.push("immediate stop and start".into());
@@ -97,6 +128,16 @@ fn a_table_copied_through_kafka_ends_identical_after_crashes_on_both_sides() {
     let rows = count(&mut pg, &format!("SELECT count(*) FROM {source}"));
     println!("{rows} rows in the source after {} changes", count(&mut pg, &format!("SELECT count(*) FROM {log}")));
     assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM {target}")), rows);
+    let applied_rows = count(&mut pg, &format!("SELECT count(*) FROM public.{applied}"));
+    let applied_twice = count(
+        &mut pg,
+        &format!(
+            "SELECT count(*) FROM (SELECT 1 FROM public.{applied} GROUP BY id, version, op HAVING count(*) > 1) d"
+        ),
+    );
+    println!("{applied_rows} row changes applied to the target");
+    assert!(applied_rows >= rows, "the trigger logged the applied rows");
+    assert_eq!(applied_twice, 0, "a change was applied to the target twice");
     assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM kafka.dead_letters WHERE subscription = '{sub}'")), 0);
     drop_subscription(&mut pg, &sub);
     drop_publication(&mut pg, &publication);

@@ -65,10 +65,17 @@ fn json_messages_become_rows_with_metadata_and_offsets() {
     p.send_json(&topic, Some(0), "300", &json!({"id": 300}));
     p.flush();
     wait_for("the consumer group's offsets", WAIT, || group_offsets(&group, &topic, 3) == vec![101, 100, 100]);
+    // A message right after that publish, then silence: its position reaches the group too,
+    // once the interval (5 s) has passed, although no batch follows it.
+    p.send_json(&topic, Some(0), "301", &json!({"id": 301}));
+    p.flush();
+    wait_for("the last position of a topic gone quiet", WAIT, || {
+        group_offsets(&group, &topic, 3) == vec![102, 100, 100]
+    });
     pg.batch_execute("ALTER SYSTEM RESET pg_kafka_bridge.publish_consumer_offsets").unwrap();
     pg.batch_execute("SELECT pg_reload_conf()").unwrap();
     // Every row's position matches the stored partition, exactly once.
-    assert_eq!(count(&mut pg, &format!("SELECT count(DISTINCT (_kafka_partition, _kafka_offset)) FROM {table}")), 301);
+    assert_eq!(count(&mut pg, &format!("SELECT count(DISTINCT (_kafka_partition, _kafka_offset)) FROM {table}")), 302);
     let status = status(&mut pg, &sub);
     assert!(status.contains("running"), "{status}");
     drop_subscription(&mut pg, &sub);
@@ -282,4 +289,36 @@ fn wal_syncs_while_applying(pg: &mut postgres::Client, messages: i64) -> i64 {
     wait_for_count(&format!("SELECT count(*) FROM {table}"), messages, WAIT);
     drop_subscription(pg, &sub);
     count(pg, wal_syncs) - before
+}
+
+/// A stored position moved under a running worker (by another worker, or by hand) is never
+/// overwritten: the worker's compare-and-set fails, the batch rolls back, and the worker
+/// reads the positions again and goes on from the moved one.
+#[test]
+fn a_position_moved_under_a_running_worker_is_taken_up() {
+    let mut pg = pg();
+    let (topic, table, sub) = topic_and_table(&mut pg, "cas", 1, "id bigint");
+    create_subscription(&mut pg, &sub, &topic, &table, "");
+    let p = producer();
+    for i in 0..100i64 {
+        p.send_json(&topic, None, &i.to_string(), &json!({"id": i}));
+    }
+    p.flush();
+    let position = format!("SELECT next_offset FROM kafka.offsets WHERE subscription = '{sub}'");
+    wait_for_count(&position, 100, WAIT);
+    pg.batch_execute(&format!("UPDATE kafka.offsets SET next_offset = 50 WHERE subscription = '{sub}'")).unwrap();
+    for i in 100..110i64 {
+        p.send_json(&topic, None, &i.to_string(), &json!({"id": i}));
+    }
+    p.flush();
+    wait_for_count(&position, 110, WAIT);
+    assert_eq!(
+        count(&mut pg, &format!("SELECT count(*) FROM {table}")),
+        160,
+        "messages 50 to 109 applied from the moved position"
+    );
+    assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM {table} WHERE id BETWEEN 50 AND 99")), 100);
+    let error = last_error(&mut pg, &sub).unwrap_or_default();
+    assert!(error.contains("moved"), "the status shows why the batch was not applied: {error}");
+    drop_subscription(&mut pg, &sub);
 }
