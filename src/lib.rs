@@ -21,6 +21,7 @@ use pgrx::prelude::*;
 
 pub(crate) mod api;
 pub(crate) mod catalog;
+pub(crate) mod compat;
 pub(crate) mod error;
 pub(crate) mod format;
 pub(crate) mod kafka;

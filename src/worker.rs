@@ -76,8 +76,8 @@ pub(crate) fn install_signal_handlers() {
     // ones its logical replication workers install; the postmaster starts workers with
     // signals blocked and BackgroundWorkerUnblockSignals lifts that once they are in place.
     unsafe {
-        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(die));
-        pg_sys::pqsignal(pg_sys::SIGHUP as i32, Some(SignalHandlerForConfigReload));
+        crate::compat::set_signal_handler(pg_sys::SIGTERM, die);
+        crate::compat::set_signal_handler(pg_sys::SIGHUP, SignalHandlerForConfigReload);
         pg_sys::BackgroundWorkerUnblockSignals();
     }
 }

@@ -51,7 +51,7 @@ BEGIN;
 SELECT kafka.create_publication('items_out', 'b:9092', ARRAY['items']::regclass[]);
 ROLLBACK;
 SELECT slot_shown(slot_name) FROM pg_create_logical_replication_slot(
-  'pg_kafka_bridge_' || (SELECT oid FROM pg_database WHERE datname = current_database()) || '_other', 'test_decoding');
+  'pg_kafka_bridge_' || (SELECT oid FROM pg_database WHERE datname = current_database()) || '_other', 'pgoutput');
 DO $$
 BEGIN
   PERFORM kafka.create_publication('other', 'b:9092', ARRAY['items']::regclass[]);

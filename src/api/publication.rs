@@ -191,19 +191,6 @@ fn send_bytea(publication: &str, topic: &str, key: Option<&[u8]>, value: Option<
     send(publication, topic, key, value).or_raise();
 }
 
-// Exported by the server, not declared by pgrx's bindings.
-// SAFETY: matches PostgreSQL 15's prototype in replication/message.h: `XLogRecPtr
-// LogLogicalMessage(const char *prefix, const char *message, size_t size, bool
-// transactional)` (PostgreSQL 17 adds a `flush` argument: revisit when porting).
-extern "C-unwind" {
-    fn LogLogicalMessage(
-        prefix: *const std::ffi::c_char,
-        message: *const std::ffi::c_char,
-        size: usize,
-        transactional: bool,
-    ) -> pg_sys::XLogRecPtr;
-}
-
 fn send(publication: &str, topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) -> Result<()> {
     super::check_topic_name(topic)?;
     // SAFETY: GetUserId reads the current user, set in every backend once it is connected.
@@ -211,16 +198,8 @@ fn send(publication: &str, topic: &str, key: Option<&[u8]>, value: Option<&[u8]>
     let found = as_catalog_owner(|| Publication::by_name(publication))?;
     super::check_owner(caller, found.owner, "publication", publication)?;
     let message = Outgoing { publication_id: found.id, topic, key, value }.encode();
-    let prefix = std::ffi::CString::new(outbox::PREFIX).expect("no NUL in the prefix");
-    // SAFETY: on the backend's main thread inside the caller's transaction (transactional
-    // messages get its xid); `prefix` is NUL-terminated and `message` is `message.len()`
-    // readable bytes, both alive for the call, which copies them into the WAL record. The
-    // FFI guard turns an ERROR raised inside (no xid during recovery, say) into a Rust
-    // unwind, so this frame's destructors run.
-    unsafe {
-        pg_sys::ffi::pg_guard_ffi_boundary(|| {
-            LogLogicalMessage(prefix.as_ptr(), message.as_ptr().cast(), message.len(), true)
-        })
-    };
+    // SAFETY: on the backend's main thread inside the caller's transaction, which the
+    // message's transaction id comes from.
+    unsafe { crate::compat::log_transactional_message(outbox::PREFIX, &message) };
     Ok(())
 }

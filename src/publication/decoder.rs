@@ -53,7 +53,7 @@ impl Decoder {
         worker::catch(|| {
             // SAFETY: on the main thread, outside a transaction, as a walsender acquires its
             // slot; nowait, so an active slot raises an error (caught) instead of waiting.
-            unsafe { pg_sys::ReplicationSlotAcquire(name.as_ptr(), true) };
+            unsafe { crate::compat::acquire_slot(&name) };
             // SAFETY: MyReplicationSlot was set by the acquisition above.
             let plugin = unsafe { CStr::from_ptr((*pg_sys::MyReplicationSlot).data.plugin.data.as_ptr()) };
             if plugin.to_bytes() != PLUGIN.as_bytes() {

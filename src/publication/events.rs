@@ -8,6 +8,7 @@
 //! A TOASTed column that an update left unchanged is not in `after`: its name is listed in
 //! `unchanged_toast` instead.
 
+use crate::compat;
 use crate::format::copy_text::civil_from_days;
 use pgrx::pg_sys;
 use std::collections::HashMap;
@@ -69,7 +70,8 @@ impl TableInfo {
             set => set,
         };
         let tupdesc = (*relation).rd_att;
-        let attrs = (*tupdesc).attrs.as_slice((*tupdesc).natts as usize);
+        let attrs: Vec<&pg_sys::FormData_pg_attribute> =
+            (0..(*tupdesc).natts as usize).map(|i| compat::attribute(tupdesc, i)).collect();
         let column_names = attrs
             .iter()
             .map(|a| {
@@ -251,7 +253,8 @@ impl EventWriter {
         pg_sys::heap_deform_tuple(tuple, tupdesc, self.values.as_mut_ptr(), self.nulls.as_mut_ptr());
         out.push(b'{');
         let mut first = true;
-        for (i, attr) in (*tupdesc).attrs.as_slice(natts).iter().enumerate() {
+        for i in 0..natts {
+            let attr = compat::attribute(tupdesc, i);
             if attr.attisdropped || attr.attnum <= 0 {
                 continue;
             }
@@ -306,7 +309,7 @@ unsafe fn push_column_name(out: &mut Vec<u8>, tupdesc: pg_sys::TupleDesc, info: 
     match info.column_names.get(attribute) {
         Some(name) => out.extend_from_slice(name),
         None => {
-            let attr = &(*tupdesc).attrs.as_slice(attribute + 1)[attribute];
+            let attr = compat::attribute(tupdesc, attribute);
             push_json_string(out, &cstr_lossy(attr.attname.data.as_ptr()));
         }
     }

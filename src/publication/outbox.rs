@@ -3,7 +3,7 @@
 //! and the value. Decoding replays it in commit order with the table changes.
 
 /// Prefix of the logical decoding messages written by `kafka.send()`.
-pub(crate) const PREFIX: &str = "pg_kafka_bridge";
+pub(crate) const PREFIX: &std::ffi::CStr = c"pg_kafka_bridge";
 const VERSION: u8 = 1;
 
 /// A message for Kafka, as `kafka.send()` was given it.

@@ -254,16 +254,13 @@ unsafe extern "C-unwind" fn change(
     if state.selection.as_ref().is_some_and(|s| !s.tables.contains(&relid)) {
         return;
     }
-    let tuples = &(*change).data.tp;
-    let tuple = |buf: *mut pg_sys::ReorderBufferTupleBuf| (!buf.is_null()).then(|| &raw mut (*buf).tuple);
-    let (op, old, new) = match (*change).action {
-        pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_INSERT => (Op::Insert, None, tuple(tuples.newtuple)),
-        pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_UPDATE => {
-            (Op::Update, tuple(tuples.oldtuple), tuple(tuples.newtuple))
-        }
-        pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_DELETE => (Op::Delete, tuple(tuples.oldtuple), None),
+    let op = match (*change).action {
+        pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_INSERT => Op::Insert,
+        pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_UPDATE => Op::Update,
+        pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_DELETE => Op::Delete,
         _ => return,
     };
+    let [old, new] = crate::compat::change_tuples(change);
     if RELCACHE_CHANGED.swap(false, Ordering::Relaxed) {
         state.tables.clear();
     }
@@ -297,7 +294,7 @@ unsafe extern "C-unwind" fn message(
     content: *const std::ffi::c_char,
 ) {
     // kafka.send() writes transactional messages only; anything else is not ours.
-    if !transactional || txn.is_null() || CStr::from_ptr(prefix).to_bytes() != outbox::PREFIX.as_bytes() {
+    if !transactional || txn.is_null() || CStr::from_ptr(prefix).to_bytes() != outbox::PREFIX.to_bytes() {
         return;
     }
     let state = state(ctx);

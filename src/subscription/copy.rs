@@ -60,27 +60,21 @@ pub(crate) fn copy_rows(relid: pg_sys::Oid, columns: &[&str], text: &[u8]) {
     // raises an ERROR if it is gone; rd_att and the parse state's RTE stay valid until the
     // table is closed and the parse state freed at the end. Every string handed over is
     // pstrdup'd; PENDING points into `text`, borrowed for the whole call, and is cleared by
-    // `clear` on every exit. ExecCheckRTPerms raises an ERROR without INSERT, as DoCopy does.
+    // `clear` on every exit. The permission check raises an ERROR without INSERT, as DoCopy
+    // does.
     unsafe {
         let rel = pg_sys::table_open(relid, lock);
         let pstate = pg_sys::make_parsestate(std::ptr::null_mut());
         let nsitem = pg_sys::addRangeTableEntryForRelation(pstate, rel, lock, std::ptr::null_mut(), false, false);
-        let rte = (*nsitem).p_rte;
-        (*rte).requiredPerms = pg_sys::ACL_INSERT as pg_sys::AclMode;
+        let tupdesc = PgTupleDesc::from_pg_unchecked((*rel).rd_att);
+        let inserted = tupdesc.iter().filter(|a| !a.is_dropped() && columns.contains(&a.name())).map(|a| a.attnum);
+        crate::compat::check_insert_permission(pstate, nsitem, inserted);
 
         let mut names = std::ptr::null_mut::<pg_sys::List>();
-        let tupdesc = PgTupleDesc::from_pg_unchecked((*rel).rd_att);
-        for attr in tupdesc.iter().filter(|a| !a.is_dropped()) {
-            if columns.contains(&attr.name()) {
-                let bit = i32::from(attr.attnum) - pg_sys::FirstLowInvalidHeapAttributeNumber;
-                (*rte).insertedCols = pg_sys::bms_add_member((*rte).insertedCols, bit);
-            }
-        }
         for name in columns {
             let name = CString::new(*name).expect("column names have no NUL");
             names = pg_sys::lappend(names, pg_sys::makeString(pg_sys::pstrdup(name.as_ptr())).cast());
         }
-        pg_sys::ExecCheckRTPerms((*pstate).p_rtable, true);
 
         let encoding = pg_sys::makeDefElem(
             pg_sys::pstrdup(c"encoding".as_ptr()),

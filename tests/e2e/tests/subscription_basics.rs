@@ -283,7 +283,13 @@ fn wal_syncs_while_applying(pg: &mut postgres::Client, messages: i64) -> i64 {
         p.send_json(&topic, None, &i.to_string(), &json!({"id": i}));
     }
     p.flush();
-    let wal_syncs = "SELECT wal_sync FROM pg_stat_wal";
+    // PostgreSQL 18 counts WAL syncs in pg_stat_io (per process kind) instead of pg_stat_wal.
+    let version: i32 = pg.query_one("SELECT current_setting('server_version_num')::int", &[]).unwrap().get(0);
+    let wal_syncs = if version >= 180000 {
+        "SELECT sum(fsyncs)::bigint FROM pg_stat_io WHERE object = 'wal'"
+    } else {
+        "SELECT wal_sync FROM pg_stat_wal"
+    };
     let before = count(pg, wal_syncs);
     create_subscription(pg, &sub, &topic, &table, ", batch_size => 1");
     wait_for_count(&format!("SELECT count(*) FROM {table}"), messages, WAIT);
