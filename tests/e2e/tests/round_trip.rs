@@ -3,14 +3,15 @@
 //! changes, both workers are killed with SIGKILL and the server is stopped in immediate
 //! mode; the two tables must end identical.
 //!
-//! The subscription's worker is killed inside a batch transaction while the workload runs.
-//! A trigger on the target logs every row it applies: a change applied twice (a replay that
-//! an upsert would hide) shows as a duplicate there.
+//! A trigger on the target logs every row it applies (and slows it down, so that the
+//! subscription lags behind): a change applied twice (a replay that an upsert would hide)
+//! shows as a duplicate there. The subscription's worker is killed inside a batch
+//! transaction, with its backlog in flight.
 //!
-//! The publication's worker, and the server, are crashed while the workload is held and
-//! everything written is published, so that the publication has no Kafka transaction open.
-//! (A kill -9 of any backend restarts them all.) A publication killed in the middle of a
-//! Kafka transaction leaves an aborted transaction in the topic,
+//! Every crash comes while the workload is held and everything written is published, so that
+//! the publication has no Kafka transaction open. (A kill -9 of any backend restarts them
+//! all, the publication's worker too.) A publication killed in the middle of a Kafka
+//! transaction leaves an aborted transaction in the topic,
 //! and the local broker then lists that transaction in every later fetch response, which
 //! makes librdkafka's consumer skip the same producer's later committed batches: a broker
 //! bug (Kafka lists only the aborted transactions a fetch overlaps). Killing the publication
@@ -48,6 +49,7 @@ fn a_table_copied_through_kafka_ends_identical_after_crashes_on_both_sides() {
          CREATE TABLE public.{applied} (id bigint, version bigint, op text);
          CREATE FUNCTION public.{applied}_log() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
+           PERFORM pg_catalog.pg_sleep(0.0005);
            IF TG_OP = 'DELETE' THEN
              INSERT INTO public.{applied} VALUES (OLD.id, OLD.version, 'd');
            ELSE
@@ -82,6 +84,8 @@ fn a_table_copied_through_kafka_ends_identical_after_crashes_on_both_sides() {
     for round in 0..8 {
         std::thread::sleep(Duration::from_millis(300 + rng.below(1500)));
         if round % 2 == 1 {
+            control.pause();
+            wait_until_published(&mut pg, &publication);
             let mut pids = Vec::new();
             wait_for("a subscription worker inside a batch transaction", Duration::from_secs(120), || {
                 pids = subscription_workers_applying(&mut pg, &sub);
@@ -94,6 +98,7 @@ fn a_table_copied_through_kafka_ends_identical_after_crashes_on_both_sides() {
             history
                 .push(format!("kill -9 of the subscription worker {} inside a batch transaction: {killed}", pids[0]));
             pg = pg_kafka_bridge_e2e::pg();
+            control.resume();
             continue;
         }
         let mut pids = Vec::new();
