@@ -21,8 +21,8 @@ start() {
     >>"$dir/broker.log" 2>&1 </dev/null &
   echo $! >"$pidfile"
   for _ in $(seq 1 150); do
+    running || { echo "the broker exited (is port $port taken?); see $dir/broker.log" >&2; tail -20 "$dir/broker.log" >&2; exit 1; }
     listening && return 0
-    running || { echo "the broker exited; see $dir/broker.log" >&2; tail -20 "$dir/broker.log" >&2; exit 1; }
     sleep 0.2
   done
   echo "the broker did not start listening on port $port; see $dir/broker.log" >&2
@@ -30,9 +30,14 @@ start() {
 }
 
 stop() {
-  running || { rm -f "$pidfile"; return 0; }
   local pid
-  pid=$(cat "$pidfile")
+  if running; then
+    pid=$(cat "$pidfile")
+  else
+    rm -f "$pidfile"
+    # A broker of this folder whose pid file is gone (its folder was removed under it).
+    pid=$(pgrep -f -- "--data-dir $dir/data" | head -1) || return 0
+  fi
   # SIGINT is the broker's graceful stop: it saves its data first.
   kill -INT "$pid"
   for _ in $(seq 1 300); do
