@@ -27,7 +27,8 @@ else
   export PGKB_PGDATA="${PGKB_PGDATA:-$PGKB_STATE/cluster-$PG_MAJOR}"
 fi
 export PGHOST="${PGHOST:-127.0.0.1}"
-export PGPORT="${PGPORT:-5499}"
+# Each version's cluster has a port of its own (15: 5499, 16: 5516, 18: 5518).
+if [ "$PG_MAJOR" = 15 ]; then export PGPORT="${PGPORT:-5499}"; else export PGPORT="${PGPORT:-55$PG_MAJOR}"; fi
 export PGUSER="${PGUSER:-postgres}"
 export PGDATABASE="${PGDATABASE:-postgres}"
 export NOIDA_VERSION=0.2.3
