@@ -39,12 +39,13 @@ for major in $majors; do
   export PGKB_PGDATA="${PGKB_TEST_PGDATA:-/var/lib/pg_kafka_bridge/test-cluster}-$major"
   # The test runs replace the installed library in place: stop every cluster that preloads it.
   for other in 15 16 18; do
-    PG_BIN=$(dirname "$(pg_config_of "$other")") PGKB_PGDATA="${PGKB_TEST_PGDATA:-/var/lib/pg_kafka_bridge/test-cluster}-$other" \
-      bash scripts/cluster.sh stop
+    demo_cluster="$PGKB_STATE/cluster-$other"
+    [ "$other" = 15 ] && demo_cluster="$PGKB_STATE/cluster"
+    for cluster in "${PGKB_TEST_PGDATA:-/var/lib/pg_kafka_bridge/test-cluster}-$other" "$demo_cluster"; do
+      PG_BIN=$(dirname "$(pg_config_of "$other")") PGKB_PGDATA="$cluster" bash scripts/cluster.sh stop
+    done
   done
-  for cluster in "$PGKB_STATE/cluster" "$PGKB_STATE/test-cluster"; do
-    PG_BIN=/usr/lib/postgresql/15/bin PGKB_PGDATA="$cluster" bash scripts/cluster.sh stop
-  done
+  PG_BIN=/usr/lib/postgresql/15/bin PGKB_PGDATA="$PGKB_STATE/test-cluster" bash scripts/cluster.sh stop
   version_results=$(mktemp)
 
   echo "== PostgreSQL $major: unit and SQL API tests (cargo pgrx test pg$major)"
