@@ -5,8 +5,9 @@
 # the extension, starts a cluster and the broker, and runs the SQL regression suite and the
 # end-to-end tests against them. On 15 every end-to-end test runs; on 16 and 18 those of
 # both directions (see PGKB_E2E_OTHER_VERSIONS), the crash tests and the round trip
-# included. Set PGKB_SOAK=1 for the long variants of the crash tests, PGKB_PG_MAJORS to
-# choose versions ("15 16 18" by default).
+# included. On 15 the upgrade from release 0.1.0 is tested too (scripts/upgrade-test.sh).
+# Set PGKB_SOAK=1 for the long variants of the crash tests, PGKB_PG_MAJORS to choose
+# versions ("15 16 18" by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The tests get clusters and a broker of their own, created afresh on each run, so that
@@ -45,7 +46,9 @@ for major in $majors; do
       PG_BIN=$(dirname "$(pg_config_of "$other")") PGKB_PGDATA="$cluster" bash scripts/cluster.sh stop
     done
   done
-  PG_BIN=/usr/lib/postgresql/15/bin PGKB_PGDATA="$PGKB_STATE/test-cluster" bash scripts/cluster.sh stop
+  for cluster in "$PGKB_STATE/test-cluster" "$PGKB_STATE/test-cluster-upgrade"; do
+    PG_BIN=/usr/lib/postgresql/15/bin PGKB_PGDATA="$cluster" bash scripts/cluster.sh stop
+  done
   version_results=$(mktemp)
 
   echo "== PostgreSQL $major: unit and SQL API tests (cargo pgrx test pg$major)"
@@ -70,6 +73,10 @@ for major in $majors; do
     done
   fi
   bash scripts/cluster.sh stop
+  if [ "$major" = 15 ]; then
+    echo "== PostgreSQL 15: upgrade from release 0.1.0 (ALTER EXTENSION pg_kafka_bridge UPDATE)"
+    bash scripts/upgrade-test.sh 2>&1 | tee -a "$version_results"
+  fi
   awk -v major="$major" '/^test result:/ { passed += $4; failed += $6 }
     END { printf "PostgreSQL %s: %d passed, %d failed (and the regression suite)\n", major, passed, failed }' \
     "$version_results" >>"$summary"

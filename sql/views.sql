@@ -57,7 +57,11 @@ SELECT p.name, p.owner::regrole AS owner, p.brokers, p.tables::regclass[] AS tab
 
 -- Positions are LSNs; published_lsn/published_seq is the position of the last event
 -- committed to Kafka. retained_wal_bytes is what the slot keeps from being recycled;
--- lag_bytes is the WAL written since the last position confirmed to the slot.
+-- lag_bytes is the WAL written since the last position confirmed to the slot. The slot_*
+-- columns are what the server version knows of the slot (NULL where it does not): whether
+-- it is a failover slot and since when it is inactive (PostgreSQL 17 and later), why it was
+-- invalidated, and when an inactive slot will be invalidated for idleness (18's
+-- idle_replication_slot_timeout).
 CREATE VIEW publication_status AS
 SELECT p.name AS publication,
        w.pid,
@@ -73,12 +77,22 @@ SELECT p.name AS publication,
        w.events_total,
        CASE WHEN NOT pg_catalog.pg_has_role(p.owner, 'USAGE') THEN NULL
             WHEN r.slot_name IS NULL THEN format('replication slot "%s" does not exist', p.slot_name)
-            WHEN r.wal_status = 'lost' THEN format('replication slot "%s" was invalidated: the WAL it needed was removed', p.slot_name)
+            WHEN d.invalidation_reason = 'wal_removed'
+                THEN format('replication slot "%s" was invalidated: the WAL it needed was removed', p.slot_name)
+            WHEN d.invalidation_reason = 'idle_timeout'
+                THEN format('replication slot "%s" was invalidated: inactive for longer than idle_replication_slot_timeout', p.slot_name)
+            WHEN d.invalidation_reason IS NOT NULL
+                THEN format('replication slot "%s" was invalidated (%s)', p.slot_name, d.invalidation_reason)
             ELSE w.last_error END AS last_error,
        w.last_error_at,
-       w.started_at
+       w.started_at,
+       d.failover AS slot_failover,
+       d.inactive_since AS slot_inactive_since,
+       d.invalidation_reason AS slot_invalidation_reason,
+       d.expires_at AS slot_expires_at
   FROM publication_catalog p
   LEFT JOIN pg_catalog.pg_replication_slots r ON r.slot_name = p.slot_name
+  LEFT JOIN replication_slot_details() d ON d.slot_name = p.slot_name
   LEFT JOIN publication_worker_status() w ON w.object_id = p.id
  ORDER BY p.name;
 

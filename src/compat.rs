@@ -138,3 +138,41 @@ pub(crate) unsafe fn log_transactional_message(prefix: &std::ffi::CStr, message:
         })
     };
 }
+
+/// Whether logical slots can be marked for synchronisation to standbys (PostgreSQL 17
+/// added failover slots).
+pub(crate) const FAILOVER_SLOTS: bool = cfg!(not(any(feature = "pg15", feature = "pg16")));
+
+/// The query that creates a logical slot: `$1` the name, `$2` the output plugin, `$3`
+/// whether it is a failover slot (only where [`FAILOVER_SLOTS`]; PostgreSQL 17 added the
+/// argument).
+pub(crate) const CREATE_SLOT_SQL: &str = if FAILOVER_SLOTS {
+    "SELECT pg_catalog.pg_create_logical_replication_slot($1, $2, false, false, $3)"
+} else {
+    "SELECT pg_catalog.pg_create_logical_replication_slot($1, $2)"
+};
+
+/// One row per logical slot of output plugin `$1` in database `$2`: name, failover flag,
+/// inactive since, invalidation reason, and when an inactive slot will be invalidated for
+/// idleness. Columns a version lacks are NULL: failover slots, `inactive_since` and
+/// `invalidation_reason` came with PostgreSQL 17 (before it, a slot whose WAL was removed
+/// shows `wal_status` `lost`), `idle_replication_slot_timeout` with 18 (the invalidation
+/// itself happens at the next checkpoint after that time).
+pub(crate) const SLOT_DETAILS_SQL: &str = {
+    #[cfg(any(feature = "pg15", feature = "pg16"))]
+    let sql = "SELECT slot_name::pg_catalog.text, NULL::boolean, NULL::pg_catalog.timestamptz, \
+                      CASE WHEN wal_status = 'lost' THEN 'wal_removed' END, NULL::pg_catalog.timestamptz \
+                 FROM pg_catalog.pg_replication_slots WHERE plugin = $1 AND datoid = $2";
+    #[cfg(feature = "pg17")]
+    let sql = "SELECT slot_name::pg_catalog.text, failover, inactive_since, invalidation_reason, \
+                      NULL::pg_catalog.timestamptz \
+                 FROM pg_catalog.pg_replication_slots WHERE plugin = $1 AND datoid = $2";
+    #[cfg(feature = "pg18")]
+    let sql = "SELECT slot_name::pg_catalog.text, failover, inactive_since, invalidation_reason, \
+                      CASE WHEN invalidation_reason IS NULL \
+                            AND pg_catalog.current_setting('idle_replication_slot_timeout') <> '0' \
+                           THEN inactive_since \
+                                + pg_catalog.current_setting('idle_replication_slot_timeout')::pg_catalog.interval END \
+                 FROM pg_catalog.pg_replication_slots WHERE plugin = $1 AND datoid = $2";
+    sql
+};

@@ -19,6 +19,9 @@ pub(crate) enum BridgeError {
     /// The object exists but cannot be used as asked (wrong state, missing prerequisite).
     #[error("{0}")]
     NotInPrerequisiteState(String),
+    /// Asked of a PostgreSQL version that does not have it.
+    #[error("{0}")]
+    FeatureNotSupported(String),
     /// The broker could not be reached or refused a request.
     #[error("Kafka: {0}")]
     Kafka(String),
@@ -41,6 +44,7 @@ impl BridgeError {
             BridgeError::DuplicateObject { .. } => ERRCODE_DUPLICATE_OBJECT,
             BridgeError::InsufficientPrivilege(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
             BridgeError::NotInPrerequisiteState(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            BridgeError::FeatureNotSupported(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
             BridgeError::Kafka(_) => ERRCODE_CONNECTION_FAILURE,
             BridgeError::OffsetMoved { .. } => ERRCODE_T_R_SERIALIZATION_FAILURE,
             BridgeError::Postgres { sqlstate, .. } => *sqlstate,

@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 const LIBRARY: &str = "pg_kafka_bridge";
+/// The extension version this library's workers are written for.
+const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// How often slot drops that wait (for a transaction, or for a worker to exit) are retried.
 const DROP_RETRY: Duration = Duration::from_millis(100);
 /// How long a worker that could not be started waits before the next attempt.
@@ -75,13 +77,34 @@ unsafe extern "C-unwind" fn forget_launcher_latch(_code: i32, _arg: pg_sys::Datu
 #[derive(Default)]
 struct Launcher {
     handles: HashMap<SlotId, DynamicBackgroundWorker>,
+    /// The extension version of the database's SQL objects while it differs from the
+    /// library's: workers would read and write tables of another shape, so none runs until
+    /// `ALTER EXTENSION pg_kafka_bridge UPDATE`.
+    held_at_version: Option<String>,
 }
 
 impl Launcher {
+    /// Runs no worker while the SQL objects are at `version`, and says so once per version.
+    fn hold_for_update(&mut self, version: String) {
+        if self.held_at_version.as_ref() != Some(&version) {
+            warning!(
+                "pg_kafka_bridge: the extension in database \"{}\" is at version {version} and the library at \
+                 {LIBRARY_VERSION}; no subscription or publication runs until ALTER EXTENSION pg_kafka_bridge UPDATE",
+                settings::database()
+            );
+            self.held_at_version = Some(version);
+        }
+    }
+
     fn reconcile(&mut self) {
         let wanted = match worker::transaction(|| {
-            if !catalog::extension_installed()? {
-                return Ok(HashSet::new());
+            match catalog::installed_version()? {
+                None => return Ok(HashSet::new()),
+                Some(version) if version != LIBRARY_VERSION => {
+                    self.hold_for_update(version);
+                    return Ok(HashSet::new());
+                }
+                Some(_) => self.held_at_version = None,
             }
             let subscriptions = catalog::enabled_subscriptions()?.into_iter().flat_map(|(id, workers)| {
                 (0..workers).map(move |index| WorkerKey { kind: WorkerKind::Subscription, object_id: id, index })

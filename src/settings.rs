@@ -12,6 +12,7 @@ static METADATA_REFRESH_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 static CONSUMER_QUEUE_KBYTES: GucSetting<i32> = GucSetting::<i32>::new(16_384);
 static PUBLISH_CONSUMER_OFFSETS: GucSetting<bool> = GucSetting::<bool>::new(false);
 static SUBSCRIPTION_SYNCHRONOUS_COMMIT: GucSetting<bool> = GucSetting::<bool>::new(false);
+static FAILOVER_SLOTS: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 pub(crate) fn define() {
     GucRegistry::define_string_guc(
@@ -69,6 +70,15 @@ pub(crate) fn define() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    GucRegistry::define_bool_guc(
+        c"pg_kafka_bridge.failover_slots",
+        c"Whether publications created from now on get failover replication slots (PostgreSQL 17 and later).",
+        c"A failover slot is synchronised to standbys that have sync_replication_slots on, so that a \
+          promoted standby continues the publication.",
+        &FAILOVER_SLOTS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"pg_kafka_bridge.consumer_queue_size",
         c"Most pre-fetched message data a subscription worker buffers (librdkafka queued.max.messages.kbytes).",
@@ -87,6 +97,10 @@ pub(crate) fn publish_consumer_offsets() -> bool {
 
 pub(crate) fn subscription_synchronous_commit() -> bool {
     SUBSCRIPTION_SYNCHRONOUS_COMMIT.get()
+}
+
+pub(crate) fn failover_slots() -> bool {
+    FAILOVER_SLOTS.get()
 }
 
 pub(crate) fn database() -> String {

@@ -1,6 +1,9 @@
 //! The workers' shared-memory slots as rows, for the status views.
 
 use crate::catalog::query_optional;
+use crate::compat;
+use crate::error::{OrRaise, Result};
+use crate::publication::PLUGIN;
 use crate::shmem::{self, WorkerKind, WorkerSlot};
 use pgrx::prelude::*;
 use pgrx::search_path;
@@ -138,5 +141,32 @@ fn subscription_worker_status() -> TableIterator<
             ));
         }
     }
+    TableIterator::new(rows)
+}
+
+/// One row per replication slot of the extension's output plugin in the current database,
+/// with what the server version knows about it (see [`compat::SLOT_DETAILS_SQL`]).
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+#[allow(clippy::type_complexity)]
+fn replication_slot_details() -> TableIterator<
+    'static,
+    (
+        name!(slot_name, String),
+        name!(failover, Option<bool>),
+        name!(inactive_since, Option<TimestampWithTimeZone>),
+        name!(invalidation_reason, Option<String>),
+        name!(expires_at, Option<TimestampWithTimeZone>),
+    ),
+> {
+    // SAFETY: a plain Oid set once when this backend connected; read on its main thread.
+    let database = unsafe { pg_sys::MyDatabaseId };
+    let rows = Spi::connect(|client| {
+        client
+            .select(compat::SLOT_DETAILS_SQL, None, &[PLUGIN.into(), database.into()])?
+            .map(|row| Ok((row.get::<String>(1)?.unwrap_or_default(), row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?)))
+            .collect::<Result<Vec<_>>>()
+    })
+    .or_raise();
     TableIterator::new(rows)
 }

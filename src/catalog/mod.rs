@@ -197,6 +197,11 @@ pub(crate) fn extension_installed() -> Result<bool> {
         .unwrap_or(false))
 }
 
+/// The version of the extension's SQL objects in this database, if it is installed.
+pub(crate) fn installed_version() -> Result<Option<String>> {
+    query_optional::<String>("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_kafka_bridge'", &[])
+}
+
 /// How many partitions the topic had when the subscription first started: the first worker
 /// to start records `count`, later calls return what was recorded.
 pub(crate) fn initial_partitions(subscription_id: i32, count: i32) -> Result<i32> {

@@ -7,6 +7,7 @@ mod decoder;
 pub(crate) mod events;
 pub(crate) mod outbox;
 mod plugin;
+pub(crate) use plugin::PLUGIN;
 mod publisher;
 pub(crate) mod slots;
 

@@ -10,6 +10,7 @@
 
 use super::plugin::PLUGIN;
 use crate::catalog::query_optional;
+use crate::compat;
 use crate::error::{BridgeError, Result};
 use crate::security;
 use crate::shmem::{self, DropWhen, PendingSlotDrop};
@@ -21,7 +22,9 @@ use std::time::{Duration, Instant};
 /// How long `create_publication` waits for the launcher to drop a slot of the same name.
 const DROP_WAIT: Duration = Duration::from_secs(30);
 
-/// Slot names: this prefix, the database's OID, `_`, the publication's name.
+/// Slot names: this prefix, the database's OID, `_`, the publication's name. (Version 0.1.0
+/// named them with the prefix and the name only; publications upgraded from it keep their
+/// slot, so code that looks for the extension's slots goes by prefix, plugin and database.)
 const SLOT_PREFIX: &str = "pg_kafka_bridge_";
 /// Longest publication name: a slot name has at most 63 bytes, and an OID 10 digits.
 pub(crate) const MAX_PUBLICATION_NAME: usize = 63 - SLOT_PREFIX.len() - 10 - 1;
@@ -69,7 +72,17 @@ pub(crate) fn create(slot: &str) -> Result<()> {
              create_publication?); drop it with pg_drop_replication_slot('{slot}') and try again"
         )));
     }
-    run_read_only("SELECT pg_catalog.pg_create_logical_replication_slot($1, $2)", &[slot.into(), PLUGIN.into()])?;
+    let failover = crate::settings::failover_slots();
+    if failover && !compat::FAILOVER_SLOTS {
+        return Err(BridgeError::FeatureNotSupported(
+            "pg_kafka_bridge.failover_slots needs PostgreSQL 17 or later; turn it off to create publications".into(),
+        ));
+    }
+    if compat::FAILOVER_SLOTS {
+        run_read_only(compat::CREATE_SLOT_SQL, &[slot.into(), PLUGIN.into(), failover.into()])?;
+    } else {
+        run_read_only(compat::CREATE_SLOT_SQL, &[slot.into(), PLUGIN.into()])?;
+    }
     if !shmem::drop_slot_at_end_of_transaction(slot, DropWhen::RolledBack) {
         drop_slot(slot)?;
         return Err(too_many_drops());
@@ -130,7 +143,7 @@ fn drop_all_at_commit() -> Result<()> {
               WHERE plugin = $1 AND datoid = $2 AND pg_catalog.starts_with(slot_name::pg_catalog.text, $3)",
             None,
             // SAFETY: reads a backend-global set at connection start.
-            &[PLUGIN.into(), unsafe { pg_sys::MyDatabaseId }.into(), slot_name("").into()],
+            &[PLUGIN.into(), unsafe { pg_sys::MyDatabaseId }.into(), SLOT_PREFIX.into()],
         )?;
         rows.into_iter().map(|row| Ok(row.get::<String>(1)?.unwrap_or_default())).collect::<Result<_>>()
     })?;
@@ -154,7 +167,7 @@ pub(crate) fn drop_orphans() -> Result<()> {
                 AND NOT EXISTS (SELECT 1 FROM kafka.publication_catalog p WHERE p.slot_name = r.slot_name)",
             None,
             // SAFETY: reads a backend-global set at connection start.
-            &[PLUGIN.into(), unsafe { pg_sys::MyDatabaseId }.into(), slot_name("").into()],
+            &[PLUGIN.into(), unsafe { pg_sys::MyDatabaseId }.into(), SLOT_PREFIX.into()],
         )?;
         rows.into_iter().map(|row| Ok(row.get::<String>(1)?.unwrap_or_default())).collect::<Result<_>>()
     })?;

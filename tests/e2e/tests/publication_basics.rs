@@ -211,7 +211,72 @@ fn an_invalidated_slot_shows_in_the_status() {
     assert_eq!(wal_status.as_deref(), Some("lost"));
     pg.batch_execute(&format!("SELECT kafka.start_publication('{name}')")).unwrap();
     wait_for("the invalidated slot in the status", TIMEOUT, || {
-        publication_error(&mut pg, &name).is_some_and(|e| e.contains("invalidated"))
+        publication_error(&mut pg, &name).is_some_and(|e| e.contains("the WAL it needed was removed"))
     });
+    let reason: Option<String> = pg
+        .query_one("SELECT slot_invalidation_reason FROM kafka.publication_status WHERE publication = $1", &[&name])
+        .unwrap()
+        .get(0);
+    assert_eq!(reason.as_deref(), Some("wal_removed"));
+    drop_publication(&mut pg, &name);
+}
+
+/// The slot facts of the status view and the failover setting, as the server version has
+/// them: failover slots and `inactive_since` from PostgreSQL 17, invalidation for idleness
+/// (`idle_replication_slot_timeout`) from 18.
+#[test]
+fn slot_details_follow_the_server_version() {
+    let mut pg = pg();
+    let version: i32 = pg.query_one("SELECT current_setting('server_version_num')::int", &[]).unwrap().get(0);
+    let (table, name) = (unique("t"), unique("pub"));
+    pg.batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)")).unwrap();
+    pg.batch_execute("SET pg_kafka_bridge.failover_slots = on").unwrap();
+    let created = pg.batch_execute(&format!(
+        "SELECT kafka.create_publication(name => '{name}', brokers => '{}', tables => ARRAY['{table}']::regclass[])",
+        brokers()
+    ));
+    pg.batch_execute("RESET pg_kafka_bridge.failover_slots").unwrap();
+    if version < 170000 {
+        let error = created.expect_err("failover slots before PostgreSQL 17");
+        let error = error.as_db_error().unwrap();
+        assert_eq!(error.code().code(), "0A000");
+        assert!(error.message().contains("needs PostgreSQL 17"), "{}", error.message());
+        create_publication(&mut pg, &name, &[&table], "");
+    } else {
+        created.unwrap();
+    }
+    let slot = slot_of(&mut pg, &name);
+    let details = |pg: &mut postgres::Client| -> (Option<bool>, bool, Option<String>, bool) {
+        let row = pg
+            .query_one(
+                "SELECT slot_failover, slot_inactive_since IS NOT NULL, slot_invalidation_reason,                         slot_expires_at IS NOT NULL                    FROM kafka.publication_status WHERE publication = $1",
+                &[&name],
+            )
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2), row.get(3))
+    };
+    if version < 170000 {
+        assert_eq!(details(&mut pg), (None, false, None, false));
+    } else {
+        let failover: bool =
+            pg.query_one("SELECT failover FROM pg_replication_slots WHERE slot_name = $1", &[&slot]).unwrap().get(0);
+        assert!(failover, "the slot must be a failover slot");
+        wait_for("the worker to hold its slot", TIMEOUT, || details(&mut pg) == (Some(true), false, None, false));
+        stop_publication(&mut pg, &name);
+        assert_eq!(details(&mut pg), (Some(true), true, None, false), "stopped: inactive, no timeout set");
+    }
+    if version >= 180000 {
+        // An inactive slot is invalidated at the first checkpoint after the timeout.
+        pg.batch_execute("ALTER SYSTEM SET idle_replication_slot_timeout = '1s'").unwrap();
+        pg.batch_execute("SELECT pg_reload_conf()").unwrap();
+        wait_for("the expiry in the status", TIMEOUT, || details(&mut pg).3);
+        std::thread::sleep(Duration::from_secs(2));
+        pg.batch_execute("CHECKPOINT").unwrap();
+        pg.batch_execute("ALTER SYSTEM RESET idle_replication_slot_timeout").unwrap();
+        pg.batch_execute("SELECT pg_reload_conf()").unwrap();
+        assert_eq!(details(&mut pg).2.as_deref(), Some("idle_timeout"));
+        let error = publication_error(&mut pg, &name).unwrap_or_default();
+        assert!(error.contains("idle_replication_slot_timeout"), "{error}");
+    }
     drop_publication(&mut pg, &name);
 }
