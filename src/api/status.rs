@@ -164,7 +164,9 @@ fn replication_slot_details() -> TableIterator<
     let rows = Spi::connect(|client| {
         client
             .select(compat::SLOT_DETAILS_SQL, None, &[PLUGIN.into(), database.into()])?
-            .map(|row| Ok((row.get::<String>(1)?.unwrap_or_default(), row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?)))
+            .map(|row| {
+                Ok((row.get::<String>(1)?.unwrap_or_default(), row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?))
+            })
             .collect::<Result<Vec<_>>>()
     })
     .or_raise();

@@ -106,7 +106,10 @@ fn update_keeps_positions_and_matches_a_fresh_install() {
         let row = pg.query_one("SELECT count(*), count(DISTINCT id), min(id), max(id) FROM upgrade_in", &[]).unwrap();
         (row.get(0), row.get(1), row.get(2), row.get(3))
     };
-    assert_eq!((rows, distinct, lowest, highest), (i64::from(2 * MESSAGES), i64::from(2 * MESSAGES), 0, 2 * MESSAGES - 1));
+    assert_eq!(
+        (rows, distinct, lowest, highest),
+        (i64::from(2 * MESSAGES), i64::from(2 * MESSAGES), 0, 2 * MESSAGES - 1)
+    );
     let ids = published_ids(2 * ROWS as usize);
     assert_eq!(ids.len(), 2 * ROWS as usize, "published ids: {} of {}", ids.len(), 2 * ROWS);
     assert!(ids.values().all(|&n| n == 1), "ids published more than once: {:?}", ids.iter().filter(|e| *e.1 > 1));
@@ -123,8 +126,10 @@ fn update_keeps_positions_and_matches_a_fresh_install() {
         count(&mut pg, &format!("SELECT count(*) FROM kafka.dead_letters WHERE subscription_id = {subscription_id}")),
         1
     );
-    let state: String =
-        pg.query_one("SELECT state FROM kafka.publication_status WHERE publication = 'upgrade_pub'", &[]).unwrap().get(0);
+    let state: String = pg
+        .query_one("SELECT state FROM kafka.publication_status WHERE publication = 'upgrade_pub'", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(state, "running", "{}", publication_status(&mut pg, "upgrade_pub"));
 
     // The updated objects are those of a fresh install, in another database.
@@ -146,8 +151,7 @@ fn update_keeps_positions_and_matches_a_fresh_install() {
     // DROP EXTENSION finds the slot named the 0.1.0 way and drops it after its commit.
     pg.batch_execute("DROP EXTENSION pg_kafka_bridge CASCADE").unwrap();
     wait_for("the 0.1.0 slot to be dropped with the extension", TIMEOUT, || {
-        count(&mut pg, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pg_kafka_bridge_upgrade_pub'")
-            == 0
+        count(&mut pg, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pg_kafka_bridge_upgrade_pub'") == 0
     });
 }
 
