@@ -21,6 +21,8 @@ from_commit=9b8663d04afefe47bf25ead32e7a89dcff94ddd5
 package="$PGKB_STATE/upgrade/$from_version-pg15"
 
 if [ ! -f "$package/.complete" ]; then
+  # A shallow clone lacks the release: fetch the history from where it was cloned.
+  git cat-file -e "$from_commit^{commit}" 2>/dev/null || git fetch -q --unshallow 2>/dev/null || true
   if ! git cat-file -e "$from_commit^{commit}" 2>/dev/null; then
     echo "release $from_version (commit $from_commit) is not in this clone's history; the upgrade test needs it" >&2
     exit 1
