@@ -70,7 +70,29 @@ CREATE TABLE publication_catalog (
     slot_name     name NOT NULL UNIQUE,
     options       jsonb NOT NULL DEFAULT '{}',
     enabled       boolean NOT NULL DEFAULT true,
-    created_at    timestamptz NOT NULL DEFAULT now()
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    -- What an event Kafka can never take does: 'dead_letter' (recorded in
+    -- publication_dead_letters; the publication moves on) or 'stop' (the worker stops
+    -- with the error and retries).
+    on_event_error text NOT NULL DEFAULT 'dead_letter' CHECK (on_event_error IN ('dead_letter', 'stop'))
 );
 
-REVOKE ALL ON subscription_catalog, offsets, dead_letters, publication_catalog FROM PUBLIC;
+-- Events a publication could never publish (too large, a topic name Kafka refuses), with
+-- the reason, kept when the publication is dropped. The position (lsn, seq) names the
+-- event: it is recorded once however often the WAL is decoded, and the publication's
+-- progress in Kafka moves past it only once it is recorded.
+CREATE TABLE publication_dead_letters (
+    id             bigserial PRIMARY KEY,
+    publication_id integer NOT NULL,
+    publication    text NOT NULL,
+    lsn            pg_lsn NOT NULL,
+    seq            bigint NOT NULL,
+    topic          text NOT NULL,
+    key            bytea,
+    value          bytea,
+    error          text NOT NULL,
+    failed_at      timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (publication_id, lsn, seq)
+);
+
+REVOKE ALL ON subscription_catalog, offsets, dead_letters, publication_catalog, publication_dead_letters FROM PUBLIC;

@@ -52,7 +52,7 @@ CREATE VIEW publications AS
 SELECT p.name, p.owner::regrole AS owner, p.brokers, p.tables::regclass[] AS tables, p.topic,
        p.progress_topic, p.slot_name,
        options_as_seen(p.owner, p.options) AS options,
-       p.enabled, p.created_at
+       p.enabled, p.created_at, p.on_event_error
   FROM publication_catalog p;
 
 -- Positions are LSNs; published_lsn/published_seq is the position of the last event
@@ -61,7 +61,8 @@ SELECT p.name, p.owner::regrole AS owner, p.brokers, p.tables::regclass[] AS tab
 -- columns are what the server version knows of the slot (NULL where it does not): whether
 -- it is a failover slot and since when it is inactive (PostgreSQL 17 and later), why it was
 -- invalidated, and when an inactive slot will be invalidated for idleness (18's
--- idle_replication_slot_timeout).
+-- idle_replication_slot_timeout). dead_letters counts the events recorded in
+-- publication_dead_letters.
 CREATE VIEW publication_status AS
 SELECT p.name AS publication,
        w.pid,
@@ -89,7 +90,10 @@ SELECT p.name AS publication,
        d.failover AS slot_failover,
        d.inactive_since AS slot_inactive_since,
        d.invalidation_reason AS slot_invalidation_reason,
-       d.expires_at AS slot_expires_at
+       d.expires_at AS slot_expires_at,
+       CASE WHEN pg_catalog.pg_has_role(p.owner, 'USAGE')
+            THEN (SELECT pg_catalog.count(*) FROM publication_dead_letters l WHERE l.publication_id = p.id)
+       END AS dead_letters
   FROM publication_catalog p
   LEFT JOIN pg_catalog.pg_replication_slots r ON r.slot_name = p.slot_name
   LEFT JOIN replication_slot_details() d ON d.slot_name = p.slot_name
@@ -110,20 +114,28 @@ CREATE POLICY owner_reads ON offsets FOR SELECT
     USING (EXISTS (SELECT 1 FROM subscription_catalog s
                     WHERE s.id = offsets.subscription_id AND pg_catalog.pg_has_role(s.owner, 'USAGE')));
 
-GRANT SELECT (id, name, owner, brokers, tables, topic, progress_topic, slot_name, enabled, created_at)
+GRANT SELECT (id, name, owner, brokers, tables, topic, progress_topic, slot_name, enabled, created_at,
+              on_event_error)
     ON publication_catalog TO PUBLIC;
+ALTER TABLE publication_dead_letters ENABLE ROW LEVEL SECURITY;
+CREATE POLICY owner_reads ON publication_dead_letters
+    USING (EXISTS (SELECT 1 FROM publication_catalog p
+                    WHERE p.id = publication_dead_letters.publication_id AND pg_catalog.pg_has_role(p.owner, 'USAGE')));
 
 GRANT USAGE ON SCHEMA kafka TO PUBLIC;
 GRANT SELECT ON subscriptions, subscription_status, publications, publication_status TO PUBLIC;
 GRANT SELECT ON offsets TO PUBLIC;
-GRANT SELECT, DELETE ON dead_letters TO PUBLIC;
+GRANT SELECT, DELETE ON dead_letters, publication_dead_letters TO PUBLIC;
 
 REVOKE EXECUTE ON FUNCTION
     create_subscription(text, text, text, regclass, text, text, text[], text, integer, integer, integer, jsonb),
     start_subscription(text),
     stop_subscription(text),
     drop_subscription(text),
-    create_publication(text, text, oid[], text, jsonb, text),
+    alter_subscription(text, text, jsonb, regclass, integer, integer, integer),
+    seek(text, text, integer),
+    create_publication(text, text, oid[], text, jsonb, text, text),
+    alter_publication(text, text, jsonb, oid[], oid[]),
     start_publication(text),
     stop_publication(text),
     drop_publication(text),

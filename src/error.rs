@@ -22,6 +22,13 @@ pub(crate) enum BridgeError {
     /// Asked of a PostgreSQL version that does not have it.
     #[error("{0}")]
     FeatureNotSupported(String),
+    /// An event Kafka can never take (too large, a topic name it refuses).
+    #[error("{0}")]
+    EventRejected(String),
+    /// A publication found events that Kafka can never take and must record them as dead
+    /// letters before its next Kafka commit; decoding starts again once they are.
+    #[error("dead letters must be recorded before the next Kafka commit")]
+    DeadLettersToRecord,
     /// The broker could not be reached or refused a request.
     #[error("Kafka: {0}")]
     Kafka(String),
@@ -45,6 +52,8 @@ impl BridgeError {
             BridgeError::InsufficientPrivilege(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
             BridgeError::NotInPrerequisiteState(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             BridgeError::FeatureNotSupported(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
+            BridgeError::EventRejected(_) => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            BridgeError::DeadLettersToRecord => ERRCODE_T_R_SERIALIZATION_FAILURE,
             BridgeError::Kafka(_) => ERRCODE_CONNECTION_FAILURE,
             BridgeError::OffsetMoved { .. } => ERRCODE_T_R_SERIALIZATION_FAILURE,
             BridgeError::Postgres { sqlstate, .. } => *sqlstate,
@@ -65,17 +74,30 @@ impl BridgeError {
         }
     }
 
-    /// Whether the error is the fault of the row being written (bad value, constraint
-    /// violation, rejected by a trigger), as opposed to the table, the server or the session.
-    /// Only such errors may send a message to the dead-letter table.
-    pub(crate) fn is_row_error(&self) -> bool {
+    /// Whether the error says the environment is at fault (the server, the session, the
+    /// table's definition or privileges, the broker), not the data being written. A
+    /// message whose write fails alone with any other error is a dead letter; a batch that
+    /// fails with one of these is retried with backoff and never split into dead letters.
+    ///
+    /// The environment's SQLSTATE classes: 08 connection, 0A feature not supported (by the
+    /// table), 0B/25 transaction state (a read-only server), 28 authorization, 3D/3F missing
+    /// database or schema, 40 serialization failure or deadlock, 42 undefined or
+    /// inaccessible objects (a dropped column, a revoked privilege), 53 insufficient
+    /// resources (disk full, out of memory), 55 object not in prerequisite state (lock not
+    /// available), 57 operator intervention (cancel, shutdown), 58 system error (I/O), 72
+    /// snapshot too old, F0 configuration, HV foreign data wrapper, XX internal error. Not
+    /// in the list, on purpose: 22 data exceptions, 23 constraint violations, 54 program
+    /// limits (a value too deeply nested or too large for an index), P0 raised by a trigger.
+    pub(crate) fn is_environment_error(&self) -> bool {
         let BridgeError::Postgres { sqlstate, .. } = self else {
-            return false;
+            return true;
         };
-        let code = *sqlstate as i32;
-        let class = sqlstate_class(code);
-        // 22: data exception, 23: integrity constraint violation, P0: raised by PL/pgSQL.
-        class == *b"22" || class == *b"23" || class == *b"P0"
+        const ENVIRONMENT: [&[u8; 2]; 17] = [
+            b"08", b"0A", b"25", b"28", b"3D", b"3F", b"40", b"42", b"53", b"55", b"57", b"58", b"72", b"F0", b"HV",
+            b"XX", b"0B",
+        ];
+        let class = sqlstate_class(*sqlstate as i32);
+        ENVIRONMENT.iter().any(|c| **c == class)
     }
 }
 

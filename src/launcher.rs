@@ -18,6 +18,8 @@ const LIBRARY: &str = "pg_kafka_bridge";
 const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// How often slot drops that wait (for a transaction, or for a worker to exit) are retried.
 const DROP_RETRY: Duration = Duration::from_millis(100);
+/// The wait before starting again a worker whose process exited, doubled for each exit in a row.
+const RESTART_BACKOFF_FIRST: Duration = Duration::from_millis(100);
 /// How long a worker that could not be started waits before the next attempt.
 const LAUNCH_RETRY: Duration = Duration::from_secs(5);
 
@@ -77,6 +79,9 @@ unsafe extern "C-unwind" fn forget_launcher_latch(_code: i32, _arg: pg_sys::Datu
 #[derive(Default)]
 struct Launcher {
     handles: HashMap<SlotId, DynamicBackgroundWorker>,
+    /// Workers that exited while still wanted, in a row, by the object they serve: the
+    /// next start waits 100 ms doubled for each, up to `pg_kafka_bridge.retry_backoff_max`.
+    exits_in_a_row: HashMap<WorkerKey, u32>,
     /// The extension version of the database's SQL objects while it differs from the
     /// library's: workers would read and write tables of another shape, so none runs until
     /// `ALTER EXTENSION pg_kafka_bridge UPDATE`.
@@ -84,6 +89,24 @@ struct Launcher {
 }
 
 impl Launcher {
+    /// Whether the worker of `key`, whose process exited as `slot` shows, may be started
+    /// again now. A worker that ran longer than the longest backoff starts the count afresh,
+    /// so a worker that keeps dying is never restarted in a tight loop.
+    fn restart_due(&mut self, key: WorkerKey, slot: &shmem::WorkerSlot, now: pg_sys::TimestampTz) -> bool {
+        let longest = settings::retry_backoff_max();
+        let ran_for = Duration::from_micros((slot.exited_at - slot.started_at).max(0) as u64);
+        let exits = self.exits_in_a_row.entry(key).or_insert(0);
+        if ran_for > longest {
+            *exits = 0;
+        }
+        let delay = RESTART_BACKOFF_FIRST.saturating_mul(1 << (*exits).min(20)).min(longest);
+        let due = now - slot.exited_at >= delay.as_micros() as i64;
+        if due {
+            *exits += 1;
+        }
+        due
+    }
+
     /// Runs no worker while the SQL objects are at `version`, and says so once per version.
     fn hold_for_update(&mut self, version: String) {
         if self.held_at_version.as_ref() != Some(&version) {
@@ -123,13 +146,12 @@ impl Launcher {
             }
         };
 
-        // A worker that exited without releasing its slot (it failed before attaching) must
-        // not hold the slot: release it so that the worker is started again.
+        // A worker that exited before it attached (or was killed) has not marked its slot.
         self.handles.retain(|id, handle| {
             let gone =
                 matches!(handle.pid(), Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied));
-            if gone {
-                shmem::release(*id);
+            if gone && shmem::snapshot().iter().any(|(s, slot)| s == id && slot.exited_at == 0) {
+                shmem::mark_exited(*id, 1);
             }
             !gone
         });
@@ -152,6 +174,10 @@ impl Launcher {
             }
             let retry_due = now - slot.last_error_at >= LAUNCH_RETRY.as_micros() as i64;
             if slot.state == WorkerState::LaunchFailed && retry_due {
+                shmem::release(id);
+                continue;
+            }
+            if slot.exited_at != 0 && self.restart_due(key, &slot, now) {
                 shmem::release(id);
                 continue;
             }
@@ -208,6 +234,15 @@ struct WorkerKey {
     index: i32,
 }
 
+/// Has the workers of an object whose definition the current transaction changes start a
+/// new session with it once the transaction commits (nothing if it rolls back).
+pub(crate) fn reload_at_commit(kind: WorkerKind, object_id: i32) {
+    wake_at_commit();
+    RELOAD_PENDING.lock().push((kind, object_id));
+}
+
+static RELOAD_PENDING: parking_lot::Mutex<Vec<(WorkerKind, i32)>> = parking_lot::Mutex::new(Vec::new());
+
 /// Wakes the launcher when the current transaction commits, so that a subscription or
 /// publication created, started or stopped in it takes effect at once, and one rolled back
 /// changes nothing.
@@ -230,7 +265,7 @@ static WAKE_PENDING: AtomicBool = AtomicBool::new(false);
 
 /// Wakes the launcher at the end of a transaction that asked for it. At XACT_EVENT_COMMIT
 /// the transaction is already committed, so nothing here may raise an error:
-/// `wake_launcher` only takes the registry lock in shared mode and sets a latch.
+/// `request_reload` and `wake_launcher` only take the registry lock and set a latch.
 ///
 /// # Safety
 ///
@@ -242,6 +277,12 @@ unsafe extern "C-unwind" fn on_transaction_end(event: pg_sys::XactEvent::Type, _
         (event == pg_sys::XactEvent::XACT_EVENT_COMMIT, event == pg_sys::XactEvent::XACT_EVENT_ABORT);
     // Also after a rollback: a slot made for a publication whose creation rolled back is
     // the launcher's to drop.
+    if committed || aborted {
+        let reloads = std::mem::take(&mut *RELOAD_PENDING.lock());
+        if committed {
+            reloads.into_iter().for_each(|(kind, object_id)| shmem::request_reload(kind, object_id));
+        }
+    }
     if (committed || aborted) && WAKE_PENDING.swap(false, Ordering::Relaxed) {
         shmem::wake_launcher();
     }

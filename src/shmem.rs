@@ -88,6 +88,12 @@ pub(crate) struct WorkerSlot {
     pub(crate) published_seq: i64,
     /// Publications: commit time of the transaction of that event.
     pub(crate) published_commit_time: pg_sys::TimestampTz,
+    /// When the worker's process exited (0 while it runs or has not started): the launcher
+    /// starts the next one after a backoff, and the slot keeps the error meanwhile.
+    pub(crate) exited_at: pg_sys::TimestampTz,
+    /// Set when the object's definition changed (`kafka.alter_*`): the worker starts a new
+    /// session with the new definition.
+    reload_requested: bool,
 }
 
 impl WorkerSlot {
@@ -111,6 +117,8 @@ impl WorkerSlot {
         published_lsn: 0,
         published_seq: -1,
         published_commit_time: 0,
+        exited_at: 0,
+        reload_requested: false,
     };
 
     pub(crate) fn last_error(&self) -> Option<String> {
@@ -255,6 +263,49 @@ pub(crate) fn claim(kind: WorkerKind, object_id: i32, worker_index: i32) -> Opti
         ..WorkerSlot::EMPTY
     };
     Some(SlotId { index, generation })
+}
+
+/// Records that the worker's process exited, with `code`: the slot stays claimed (with
+/// its last error) until the launcher starts the next worker or lets it go. An exit with an
+/// error that the worker did not report itself shows as its last error.
+pub(crate) fn mark_exited(id: SlotId, code: i32) {
+    update(id, |slot| {
+        slot.pid = 0;
+        // SAFETY: only reads the clock; cannot raise an error while the registry lock is held.
+        slot.exited_at = unsafe { pg_sys::GetCurrentTimestamp() }.max(1);
+        if code != 0 {
+            if slot.last_error_at < slot.started_at {
+                slot.set_error(&format!("the worker process exited with code {code}; see the server log"));
+            }
+            slot.state = WorkerState::Error;
+        }
+    });
+}
+
+/// Asks every worker of `kind` serving `object_id` in the current database to start a new
+/// session with the object's new definition. Takes only the registry lock, so it may run
+/// where no error may be raised (at commit).
+pub(crate) fn request_reload(kind: WorkerKind, object_id: i32) {
+    // SAFETY: a plain Oid set once when this backend connected; read on its main thread.
+    let database = unsafe { pg_sys::MyDatabaseId };
+    let mut reg = REGISTRY.exclusive();
+    for slot in reg.slots.iter_mut().filter(|s| s.in_use && s.kind == kind && s.object_id == object_id) {
+        if slot.database == database {
+            slot.reload_requested = true;
+        }
+    }
+}
+
+/// Whether a worker process of `kind` serving `object_id` in the current database runs.
+pub(crate) fn has_live_workers(kind: WorkerKind, object_id: i32) -> bool {
+    // SAFETY: a plain Oid set once when this backend connected; read on its main thread.
+    let database = unsafe { pg_sys::MyDatabaseId };
+    snapshot().iter().any(|(_, s)| s.kind == kind && s.object_id == object_id && s.database == database && s.pid > 0)
+}
+
+/// Whether a new session was asked for since the last call.
+pub(crate) fn take_reload_request(id: SlotId) -> bool {
+    update(id, |slot| std::mem::take(&mut slot.reload_requested)).unwrap_or(false)
 }
 
 pub(crate) fn release(id: SlotId) {

@@ -31,7 +31,7 @@ pub(crate) fn attach(database: &str) -> Option<SlotId> {
     // once per process (ATTACHED_SLOT.set above fails on a second call), so it stays far
     // below PostgreSQL's MAX_ON_EXITS.
     unsafe {
-        pg_sys::on_shmem_exit(Some(release_slot_at_exit), pg_sys::Datum::from(0));
+        pg_sys::on_shmem_exit(Some(mark_slot_exited), pg_sys::Datum::from(0));
     }
     let db = std::ffi::CString::new(database).ok()?;
     // SAFETY: called once, on the main thread of a background worker registered with
@@ -51,7 +51,8 @@ pub(crate) fn attach_with_slot(database: &str) -> Option<(SlotId, shmem::WorkerS
 
 static ATTACHED_SLOT: OnceLock<SlotId> = OnceLock::new();
 
-/// Frees the worker's shared-memory slot when the process exits. It runs before `ProcKill`
+/// Marks the worker's shared-memory slot exited when the process exits (the launcher frees
+/// it or starts the next worker). It runs before `ProcKill`
 /// (registered earlier by `InitProcess`; on_shmem_exit callbacks run in reverse order), so
 /// LWLocks still work. The registry lock cannot already be held by this process here:
 /// LWLockAcquire holds interrupts, and nothing run under that lock can raise an error.
@@ -61,9 +62,9 @@ static ATTACHED_SLOT: OnceLock<SlotId> = OnceLock::new();
 /// Only PostgreSQL calls it, from `shmem_exit()` in `proc_exit()`, on the main thread, with
 /// the exit code and the dummy argument registered in [`attach`] (neither dereferenced).
 #[pgrx::pg_guard]
-unsafe extern "C-unwind" fn release_slot_at_exit(_code: i32, _arg: pg_sys::Datum) {
+unsafe extern "C-unwind" fn mark_slot_exited(code: i32, _arg: pg_sys::Datum) {
     if let Some(id) = ATTACHED_SLOT.get() {
-        shmem::release(*id);
+        shmem::mark_exited(*id, code);
     }
 }
 

@@ -40,6 +40,7 @@ SELECT kafka.create_publication('p', 'b:9092', ARRAY['items']::regclass[], topic
 SELECT kafka.create_publication('p', 'b:9092', ARRAY['items']::regclass[], progress_topic => 'a/b');
 SELECT kafka.create_publication('p', 'b:9092', ARRAY['items']::regclass[], options => '{"transactional.id": "x"}');
 SELECT kafka.create_publication('p', 'b:9092', ARRAY['items']::regclass[], options => '{"no.such": "1"}');
+SELECT kafka.create_publication('p', 'b:9092', ARRAY['items']::regclass[], on_event_error => 'ignore');
 SELECT kafka.start_publication('nope');
 SELECT kafka.drop_publication('nope');
 SELECT kafka.send('nope', 'notes', 'k', 'v');

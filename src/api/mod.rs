@@ -28,12 +28,7 @@ fn warn_if_workers_run_elsewhere(kind: &str, name: &str) {
 
 /// Kafka's rules for topic names.
 fn check_topic_name(topic: &str) -> Result<()> {
-    if topic.is_empty() || topic.len() > 249 || !topic.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
-        return Err(BridgeError::InvalidParameter(format!(
-            "invalid topic name \"{topic}\": Kafka topics use 1 to 249 letters, digits, '_', '.' or '-'"
-        )));
-    }
-    Ok(())
+    crate::kafka::topic_name_problem(topic).map_or(Ok(()), |problem| Err(BridgeError::InvalidParameter(problem)))
 }
 
 /// Fails unless `caller` has the privileges of `owner`, the owner of object `name`.

@@ -1,7 +1,7 @@
 //! Publications: create (with their replication slot), start, stop, drop (with their slot),
 //! and `kafka.send()`.
 
-use crate::catalog::publication::Publication;
+use crate::catalog::publication::{OnEventError, Publication};
 use crate::catalog::query_optional;
 use crate::error::{BridgeError, OrRaise, Result};
 use crate::kafka::Options;
@@ -10,6 +10,7 @@ use crate::publication::events::render_topic;
 use crate::publication::outbox::{self, Outgoing};
 use crate::publication::slots;
 use crate::security::as_catalog_owner;
+use crate::shmem::WorkerKind;
 use pgrx::prelude::*;
 use pgrx::search_path;
 use pgrx::{JsonB, PgRelation};
@@ -23,6 +24,7 @@ fn create_publication(
     topic: default!(&str, "'{schema}.{table}'"),
     options: default!(JsonB, "'{}'"),
     progress_topic: default!(Option<&str>, "NULL"),
+    on_event_error: default!(&str, "'dead_letter'"),
 ) {
     // SAFETY: GetUserId reads the current user, set in every backend once it is connected.
     let caller = unsafe { pg_sys::GetUserId() };
@@ -48,6 +50,14 @@ fn create_publication(
         slot_name: slots::slot_name(name),
         options: options.0,
         enabled: true,
+        on_event_error: OnEventError::parse(on_event_error)
+            .ok_or_else(|| {
+                BridgeError::InvalidParameter(format!(
+                    "invalid on_event_error \"{on_event_error}\": use {}",
+                    OnEventError::NAMES
+                ))
+            })
+            .or_raise(),
     };
     validate(&publication).or_raise();
     as_catalog_owner(|| {
@@ -137,6 +147,48 @@ fn check_publishable(table: &PgRelation, template: &str, caller: pg_sys::Oid) ->
     }
     crate::security::check_reads_every_row(table.oid(), caller, &quoted)?;
     super::check_topic_name(&render_topic(template, table.namespace(), table.name()))
+}
+
+/// Changes a publication in place; NULL leaves a setting as it is, `options` replaces the
+/// whole object. The slot stays, and with it the position: once the transaction commits,
+/// the worker starts a new session with the new definition, from its last published
+/// position. The table list applies from there: an added table's changes after it are
+/// published, a dropped table's are not.
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn alter_publication(
+    name: &str,
+    brokers: default!(Option<&str>, "NULL"),
+    options: default!(Option<JsonB>, "NULL"),
+    add_tables: default!(Option<Vec<pg_sys::Oid>>, "NULL"),
+    drop_tables: default!(Option<Vec<pg_sys::Oid>>, "NULL"),
+) {
+    change_publication(name, |current| {
+        let mut altered = current.clone();
+        altered.brokers = brokers.map_or(altered.brokers, |b| b.trim().to_owned());
+        altered.options = options.map_or(altered.options, |o| o.0);
+        for oid in add_tables.unwrap_or_default() {
+            // SAFETY: as in create_publication: a real lock mode, so an OID that names no
+            // relation raises an ERROR.
+            let table = unsafe { PgRelation::with_lock(oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
+            check_publishable(&table, &altered.topic, altered.owner)?;
+            if !altered.tables.contains(&oid) {
+                altered.tables.push(oid);
+            }
+        }
+        for oid in drop_tables.unwrap_or_default() {
+            if !altered.tables.contains(&oid) {
+                let table = crate::catalog::qualified_table_name(oid).unwrap_or_else(|| format!("OID {oid}"));
+                return Err(BridgeError::InvalidParameter(format!("{table} is not published by \"{name}\"")));
+            }
+            altered.tables.retain(|t| *t != oid);
+        }
+        validate(&altered)?;
+        altered.update_settings()?;
+        launcher::reload_at_commit(WorkerKind::Publication, altered.id);
+        Ok(())
+    })
+    .or_raise();
 }
 
 #[pg_extern(volatile, parallel_unsafe)]

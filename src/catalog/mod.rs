@@ -113,6 +113,28 @@ impl Subscription {
         })
     }
 
+    /// Stores the settings `kafka.alter_subscription` may change.
+    pub(crate) fn update_settings(&self) -> Result<()> {
+        Spi::connect_mut(|client| {
+            client.update(
+                "UPDATE kafka.subscription_catalog SET brokers = $2, options = $3, target_schema = $4, \
+                 target_table = $5, batch_size = $6, batch_timeout_ms = $7, workers = $8 WHERE id = $1",
+                None,
+                &[
+                    self.id.into(),
+                    self.brokers.as_str().into(),
+                    JsonB(self.options.clone()).into(),
+                    self.target_schema.as_str().into(),
+                    self.target_table.as_str().into(),
+                    self.batch_size.into(),
+                    self.batch_timeout_ms.into(),
+                    self.workers.into(),
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
     pub(crate) fn set_enabled(&self, enabled: bool) -> Result<()> {
         set_enabled_in("kafka.subscription_catalog", self.id, enabled)
     }
@@ -228,6 +250,28 @@ pub(crate) fn read_offsets(subscription: &Subscription) -> Result<HashMap<i32, i
             .into_iter()
             .map(|row| Ok((row.get::<i32>(1)?.unwrap_or_default(), row.get::<i64>(2)?.unwrap_or_default())))
             .collect()
+    })
+}
+
+/// Sets the stored positions of partitions, whatever they were (`kafka.seek`).
+pub(crate) fn set_offsets(subscription: &Subscription, positions: &[(i32, i64)]) -> Result<()> {
+    Spi::connect_mut(|client| {
+        for &(partition, offset) in positions {
+            client.update(
+                "INSERT INTO kafka.offsets (subscription_id, subscription, topic, partition, next_offset) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (subscription_id, topic, partition) \
+                 DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = pg_catalog.now()",
+                None,
+                &[
+                    subscription.id.into(),
+                    subscription.name.as_str().into(),
+                    subscription.topic.as_str().into(),
+                    partition.into(),
+                    offset.into(),
+                ],
+            )?;
+        }
+        Ok(())
     })
 }
 

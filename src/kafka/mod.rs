@@ -207,3 +207,15 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
         crate::worker::check_interrupts();
     }
 }
+
+/// Why Kafka would refuse `topic` as a topic name, if it would: 1 to 249 ASCII letters,
+/// digits, '_', '.' or '-', and neither "." nor "..".
+pub(crate) fn topic_name_problem(topic: &str) -> Option<String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "_.-".contains(c);
+    if topic.is_empty() || topic.len() > 249 || topic == "." || topic == ".." || !topic.chars().all(allowed) {
+        return Some(format!(
+            "invalid topic name \"{topic}\": Kafka topics use 1 to 249 letters, digits, '_', '.' or '-'"
+        ));
+    }
+    None
+}

@@ -9,10 +9,11 @@ pub(crate) mod outbox;
 mod plugin;
 pub(crate) use plugin::PLUGIN;
 mod publisher;
+pub(crate) use publisher::{Position, PublicationDeadLetter};
 pub(crate) mod slots;
 
-use crate::catalog::publication::Publication;
-use crate::error::Result;
+use crate::catalog::{self, publication::Publication};
+use crate::error::{BridgeError, Result};
 use crate::kafka::Options;
 use crate::settings;
 use crate::shmem::{self, SlotId, WorkerState};
@@ -43,26 +44,39 @@ struct PublicationWorker {
     publication_id: i32,
 }
 
+/// How a session ended without an error.
+enum SessionEnd {
+    /// The publication was stopped or dropped.
+    Stopped,
+    /// Decoding must start again at once: events to record as dead letters were found in
+    /// the middle of a replay, or the definition was altered.
+    Restart,
+}
+
 impl PublicationWorker {
     fn run(&self) {
         let mut backoff = Backoff::default();
         loop {
             worker::check_interrupts_and_reload();
             match self.session(&mut backoff) {
-                Ok(()) => return,
+                Ok(SessionEnd::Stopped) => return,
+                Ok(SessionEnd::Restart) => {}
                 Err(e) => backoff.wait_after(self.id, &e),
             }
         }
     }
 
-    /// Publishes until the publication is stopped (`Ok`) or something fails.
-    fn session(&self, backoff: &mut Backoff) -> Result<()> {
+    /// Publishes until the publication is stopped, decoding must start again, or something
+    /// fails.
+    fn session(&self, backoff: &mut Backoff) -> Result<SessionEnd> {
         let Some((publication, options)) = worker::transaction(|| self.load())? else {
-            return Ok(());
+            return Ok(SessionEnd::Stopped);
         };
         worker::report_application_name(&publication.name);
         pin_output_settings();
-        let publisher = Publisher::connect(&publication, &options, self.id)?;
+        let recorded =
+            |after| worker::transaction(|| catalog::publication::recorded_dead_letters(publication.id, after));
+        let publisher = Publisher::connect(&publication, &options, self.id, recorded)?;
         let mut meter = RateMeter::default();
         let mut reported_events = 0;
         self.report(&publisher, &mut meter, &mut reported_events);
@@ -71,17 +85,37 @@ impl PublicationWorker {
         let mut next_check = Instant::now() + settings::metadata_refresh();
         loop {
             worker::check_interrupts_and_reload();
+            if shmem::take_reload_request(self.id) {
+                // kafka.alter_publication changed the definition: what is open is published
+                // again by the next session, from the committed progress.
+                decoder.sink::<Publisher>().abort_transaction();
+                return Ok(SessionEnd::Restart);
+            }
             if Instant::now() >= next_check {
                 // Rights can be revoked, and row-level security enabled, while the worker
                 // runs: checked again at this interval, not only at the start.
                 if worker::transaction(|| self.load())?.is_none() {
-                    return Ok(());
+                    return Ok(SessionEnd::Stopped);
                 }
                 next_check = Instant::now() + settings::metadata_refresh();
             }
-            let caught_up = decoder.read(READ_BUDGET)?;
+            let read = decoder.read(READ_BUDGET);
             let decoded_up_to = decoder.decoded_up_to();
             let p = decoder.sink::<Publisher>();
+            // Dead letters are recorded before any Kafka commit covers them.
+            let letters = p.take_dead_letters();
+            if !letters.is_empty() {
+                worker::transaction(|| catalog::publication::record_dead_letters(&publication, &letters))?;
+                p.dead_letters_recorded(&letters);
+            }
+            let caught_up = match read {
+                Ok(caught_up) => caught_up,
+                Err(BridgeError::DeadLettersToRecord) => {
+                    p.abort_transaction();
+                    return Ok(SessionEnd::Restart);
+                }
+                Err(e) => return Err(e),
+            };
             if p.has_open_transaction() && (caught_up || p.open_transaction_age() >= MAX_KAFKA_TRANSACTION_AGE) {
                 p.commit_transaction()?;
                 // The broker took a commit: an error it reported before has passed.

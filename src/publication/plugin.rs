@@ -28,6 +28,11 @@ pub(crate) trait Sink: Any {
     fn event(&mut self, txn: &TxnInfo, seq: i64, topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) -> Result<()>;
     /// The transaction's last event has been handed over.
     fn commit(&mut self, txn: &TxnInfo) -> Result<()>;
+    /// A change that is not published went by: a long replay of such changes is a chance to
+    /// serve signals and commit what is open.
+    fn skipped(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// The sink as its own type, for the worker that put it in place.
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
@@ -252,6 +257,7 @@ unsafe extern "C-unwind" fn change(
     let state = state(ctx);
     let relid = (*relation).rd_id;
     if state.selection.as_ref().is_some_and(|s| !s.tables.contains(&relid)) {
+        state.sink.skipped().unwrap_or_else(|e| e.raise());
         return;
     }
     let op = match (*change).action {

@@ -10,7 +10,7 @@
 use super::confirm::ConfirmTracker;
 use super::events::TxnInfo;
 use super::plugin::Sink;
-use crate::catalog::publication::Publication;
+use crate::catalog::publication::{OnEventError, Publication};
 use crate::error::{BridgeError, Result};
 use crate::kafka::{self, BridgeContext, ErrorMailbox, Options};
 use crate::shmem::{self, SlotId};
@@ -22,6 +22,8 @@ use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 /// Most events in one Kafka transaction; a larger PostgreSQL transaction spans several.
@@ -32,10 +34,12 @@ pub(crate) const MAX_KAFKA_TRANSACTION_AGE: Duration = Duration::from_millis(500
 const CALL_SLICE: Duration = Duration::from_secs(1);
 /// Longest wait for the broker during set-up or a commit.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for the broker to abort a transaction when a session ends.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where an event stands in the publication's stream: its transaction's commit LSN, then
 /// its index within that transaction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub(crate) struct Position {
     pub(crate) commit_lsn: u64,
     pub(crate) seq: i64,
@@ -49,7 +53,7 @@ struct ProgressRecord {
 }
 
 pub(crate) struct Publisher {
-    producer: ThreadedProducer<BridgeContext>,
+    producer: Arc<ThreadedProducer<BridgeContext>>,
     pub(crate) errors: ErrorMailbox,
     progress_topic: String,
     transactional_id: String,
@@ -63,6 +67,21 @@ pub(crate) struct Publisher {
     /// The worker's status slot, where each Kafka commit shows its position at once (a
     /// large PostgreSQL transaction is published in several while it is replayed).
     status: SlotId,
+    on_event_error: OnEventError,
+    /// Events Kafka can never take, found in this session and not yet recorded in
+    /// `kafka.publication_dead_letters`: no Kafka commit may cover them before they are.
+    pending_dead_letters: Vec<PublicationDeadLetter>,
+    /// Positions beyond the committed progress that are recorded as dead letters already.
+    recorded_dead_letters: HashSet<Position>,
+}
+
+/// An event that Kafka can never take, as `kafka.publication_dead_letters` records it.
+pub(crate) struct PublicationDeadLetter {
+    pub(crate) position: Position,
+    pub(crate) topic: String,
+    pub(crate) key: Option<Vec<u8>>,
+    pub(crate) value: Option<Vec<u8>>,
+    pub(crate) error: String,
 }
 
 struct OpenTransaction {
@@ -75,7 +94,13 @@ struct OpenTransaction {
 
 impl Publisher {
     /// Connects, fences any earlier incarnation and reads the committed progress.
-    pub(crate) fn connect(publication: &Publication, options: &Options, status: SlotId) -> Result<Publisher> {
+    /// `recorded_dead_letters` reads the positions recorded as dead letters after a position.
+    pub(crate) fn connect(
+        publication: &Publication,
+        options: &Options,
+        status: SlotId,
+        recorded_dead_letters: impl FnOnce(Option<Position>) -> Result<HashSet<Position>>,
+    ) -> Result<Publisher> {
         let transactional_id = transactional_id(publication);
         let brokers = publication.brokers.as_str();
         let config = options.client_config(
@@ -84,8 +109,8 @@ impl Publisher {
             &[("transactional.id", &transactional_id), ("enable.idempotence", "true")],
         );
         let errors = ErrorMailbox::default();
-        let producer: ThreadedProducer<BridgeContext> =
-            config.create_with_context(BridgeContext { errors: errors.clone() })?;
+        let producer: Arc<ThreadedProducer<BridgeContext>> =
+            Arc::new(config.create_with_context(BridgeContext { errors: errors.clone() })?);
         kafka::create_topic_if_missing(&options.client_config(brokers, &[], &[]), &publication.progress_topic, true)?;
         retry_while_timed_out("initialising the Kafka transactional producer", || {
             producer.init_transactions(CALL_SLICE)
@@ -108,6 +133,8 @@ impl Publisher {
                 slot.published_seq = position.seq;
             });
         }
+        let recorded_dead_letters = recorded_dead_letters(committed)?;
+        abort_at_exit(&producer);
         Ok(Publisher {
             producer,
             errors,
@@ -119,7 +146,29 @@ impl Publisher {
             confirm: ConfirmTracker::default(),
             events_total: 0,
             status,
+            on_event_error: publication.on_event_error,
+            pending_dead_letters: Vec::new(),
+            recorded_dead_letters,
         })
+    }
+
+    /// The dead letters to record before the next Kafka commit; once recorded, the caller
+    /// hands them back with [`Publisher::dead_letters_recorded`].
+    pub(crate) fn take_dead_letters(&mut self) -> Vec<PublicationDeadLetter> {
+        std::mem::take(&mut self.pending_dead_letters)
+    }
+
+    pub(crate) fn dead_letters_recorded(&mut self, letters: &[PublicationDeadLetter]) {
+        self.recorded_dead_letters.extend(letters.iter().map(|l| l.position));
+    }
+
+    /// Aborts the open Kafka transaction, if any: its events are published again by the
+    /// next session, which starts from the committed progress.
+    pub(crate) fn abort_transaction(&mut self) {
+        if self.open.take().is_some() {
+            let _ = self.producer.abort_transaction(ABORT_TIMEOUT);
+            self.confirm.kafka_transaction_failed();
+        }
     }
 
     pub(crate) fn has_open_transaction(&self) -> bool {
@@ -136,8 +185,12 @@ impl Publisher {
         self.confirm.take(caught_up, decoded_up_to)
     }
 
-    /// Commits the open Kafka transaction, with its progress record, if there is one.
+    /// Commits the open Kafka transaction, with its progress record, if there is one. The
+    /// dead letters it covers must be recorded first ([`Publisher::take_dead_letters`]).
     pub(crate) fn commit_transaction(&mut self) -> Result<()> {
+        if !self.pending_dead_letters.is_empty() {
+            return Err(BridgeError::DeadLettersToRecord);
+        }
         let Some(open) = self.open.take() else {
             return Ok(());
         };
@@ -183,6 +236,14 @@ impl Publisher {
                     std::thread::sleep(Duration::from_micros(500));
                     worker::check_interrupts();
                 }
+                Err((e, back)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge) => {
+                    let size =
+                        back.payload.map_or(0, |p| p.to_bytes().len()) + back.key.map_or(0, |k| k.to_bytes().len());
+                    return Err(BridgeError::EventRejected(format!(
+                        "{e}: {size} bytes, more than the producer's message.max.bytes (raise it in the \
+                         publication's options, and the topic's max.message.bytes on the broker)"
+                    )));
+                }
                 Err((e, back)) => {
                     return Err(BridgeError::Kafka(format!("producing to topic \"{}\": {e}", back.topic)));
                 }
@@ -201,11 +262,72 @@ impl Publisher {
     }
 }
 
+impl Publisher {
+    /// Makes the open Kafka transaction's progress cover `position`, opening one if needed.
+    fn cover(&mut self, position: Position, txn: &TxnInfo) -> Result<()> {
+        let open = self.begin_if_needed(position)?;
+        open.last = position;
+        open.last_commit_time = txn.commit_time;
+        Ok(())
+    }
+
+    /// An event Kafka can never take: a dead letter, or the end of the session.
+    fn reject(&mut self, position: Position, txn: &TxnInfo, event: RejectedEvent<'_>) -> Result<()> {
+        let RejectedEvent { topic, key, value, reason } = event;
+        if self.on_event_error == OnEventError::Stop {
+            return Err(BridgeError::EventRejected(format!(
+                "the event at {}/{} for topic \"{topic}\" can never be published: {reason} (the publication's \
+                 on_event_error is 'stop')",
+                lsn_text(position.commit_lsn),
+                position.seq
+            )));
+        }
+        self.pending_dead_letters.push(PublicationDeadLetter {
+            position,
+            topic: topic.to_owned(),
+            key: key.map(<[u8]>::to_vec),
+            value: value.map(<[u8]>::to_vec),
+            error: reason,
+        });
+        self.cover(position, txn)
+    }
+
+    /// Commits from inside a long replay when the Kafka transaction is due, so that it never
+    /// reaches the broker's transaction timeout.
+    fn commit_if_due(&mut self) -> Result<()> {
+        let due = self.open.as_ref().is_some_and(|t| {
+            t.events >= MAX_EVENTS_PER_KAFKA_TRANSACTION || t.opened_at.elapsed() >= MAX_KAFKA_TRANSACTION_AGE
+        });
+        if due {
+            self.commit_transaction()?;
+        }
+        Ok(())
+    }
+}
+
+/// What [`Publisher::reject`] records of an event.
+struct RejectedEvent<'a> {
+    topic: &'a str,
+    key: Option<&'a [u8]>,
+    value: Option<&'a [u8]>,
+    reason: String,
+}
+
 impl Sink for Publisher {
     fn event(&mut self, txn: &TxnInfo, seq: i64, topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) -> Result<()> {
+        // A large transaction is replayed inside one call of the decoder: serve SIGTERM here.
+        worker::check_interrupts();
         let position = Position { commit_lsn: txn.commit_lsn, seq };
         if self.committed.is_some_and(|c| position <= c) {
             return Ok(());
+        }
+        if self.recorded_dead_letters.contains(&position) {
+            self.cover(position, txn)?;
+            return self.commit_if_due();
+        }
+        if let Some(reason) = kafka::topic_name_problem(topic) {
+            self.reject(position, txn, RejectedEvent { topic, key, value, reason })?;
+            return self.commit_if_due();
         }
         self.begin_if_needed(position)?;
         let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
@@ -215,16 +337,25 @@ impl Sink for Publisher {
         if let Some(v) = value {
             record = record.payload(v);
         }
-        self.send(record)?;
-        self.events_total += 1;
-        let open = self.open.as_mut().expect("opened above");
-        open.events += 1;
-        open.last = position;
-        open.last_commit_time = txn.commit_time;
-        if open.events >= MAX_EVENTS_PER_KAFKA_TRANSACTION {
-            self.commit_transaction()?;
+        match self.send(record) {
+            Ok(()) => {
+                self.events_total += 1;
+                let open = self.open.as_mut().expect("opened above");
+                open.events += 1;
+                open.last = position;
+                open.last_commit_time = txn.commit_time;
+            }
+            Err(BridgeError::EventRejected(reason)) => {
+                self.reject(position, txn, RejectedEvent { topic, key, value, reason })?
+            }
+            Err(e) => return Err(e),
         }
-        Ok(())
+        self.commit_if_due()
+    }
+
+    fn skipped(&mut self) -> Result<()> {
+        worker::check_interrupts();
+        self.commit_if_due()
     }
 
     fn commit(&mut self, txn: &TxnInfo) -> Result<()> {
@@ -235,6 +366,44 @@ impl Sink for Publisher {
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
         self
     }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.abort_transaction();
+    }
+}
+
+/// The producer whose open Kafka transaction is aborted if the process exits (SIGTERM ends
+/// a worker without unwinding): `read_committed` readers of its partitions need not wait for
+/// the broker's transaction timeout.
+static PRODUCER_AT_EXIT: parking_lot::Mutex<Option<Weak<ThreadedProducer<BridgeContext>>>> =
+    parking_lot::Mutex::new(None);
+
+fn abort_at_exit(producer: &Arc<ThreadedProducer<BridgeContext>>) {
+    static REGISTERED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    *PRODUCER_AT_EXIT.lock() = Some(Arc::downgrade(producer));
+    if !REGISTERED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        // SAFETY: on the worker's main thread; registers a `'static` callback with a dummy
+        // argument, once per process (REGISTERED).
+        unsafe { pgrx::pg_sys::before_shmem_exit(Some(abort_open_transaction_at_exit), pgrx::pg_sys::Datum::from(0)) };
+    }
+}
+
+/// # Safety
+/// Only PostgreSQL calls it, from `proc_exit()` on the worker's main thread, with the dummy
+/// argument registered above (never read).
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn abort_open_transaction_at_exit(_code: i32, _arg: pgrx::pg_sys::Datum) {
+    let producer = PRODUCER_AT_EXIT.lock().take().and_then(|weak| weak.upgrade());
+    if let Some(producer) = producer {
+        // Fails harmlessly when no transaction is open.
+        let _ = producer.abort_transaction(ABORT_TIMEOUT);
+    }
+}
+
+fn lsn_text(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn as u32)
 }
 
 /// Stable for the publication, and distinct for every server, database and publication

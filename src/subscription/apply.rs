@@ -90,7 +90,8 @@ impl<'a> Applier<'a> {
         })
     }
 
-    /// Writes `rows[range]`; rows that fail on their own account are added to `dead`.
+    /// Writes `rows[range]`; rows that fail on their own account (any error but the
+    /// environment's, see [`BridgeError::is_environment_error`]) are added to `dead`.
     fn write_isolating(
         &self,
         batch: &EncodedBatch,
@@ -102,11 +103,12 @@ impl<'a> Applier<'a> {
         }
         match worker::subtransaction(|| self.write(batch, range.clone())) {
             Ok(()) => Ok(()),
-            Err(e) if e.is_row_error() && range.len() == 1 => {
+            // Isolated: the message fails on its own while its neighbours pass.
+            Err(e) if !e.is_environment_error() && range.len() == 1 => {
                 dead.push((batch.rows[range.start].message, e.to_string()));
                 Ok(())
             }
-            Err(e) if e.is_row_error() => {
+            Err(e) if !e.is_environment_error() => {
                 let middle = range.start + range.len() / 2;
                 self.write_isolating(batch, range.start..middle, dead)?;
                 self.write_isolating(batch, middle..range.end, dead)

@@ -79,6 +79,30 @@ impl TopicConsumer {
         Ok(if latest { high } else { low })
     }
 
+    /// The offset `target` names in `partition`.
+    pub(crate) fn resolve(&self, partition: i32, target: SeekTarget) -> Result<i64> {
+        let (low, high) = self.consumer.fetch_watermarks(&self.topic, partition, METADATA_TIMEOUT)?;
+        match target {
+            SeekTarget::Earliest => Ok(low),
+            SeekTarget::Latest => Ok(high),
+            SeekTarget::Offset(offset) if (low..=high).contains(&offset) => Ok(offset),
+            SeekTarget::Offset(offset) => Err(BridgeError::InvalidParameter(format!(
+                "offset {offset} is not in partition {partition} of topic \"{}\", which holds offsets {low} to {high}",
+                self.topic
+            ))),
+            SeekTarget::Time(millis) => {
+                let mut list = TopicPartitionList::new();
+                list.add_partition_offset(&self.topic, partition, Offset::Offset(millis))?;
+                let found = self.consumer.offsets_for_times(list, METADATA_TIMEOUT)?;
+                // No message at or after the time: the end of the partition.
+                Ok(match found.find_partition(&self.topic, partition).map(|e| e.offset()) {
+                    Some(Offset::Offset(offset)) => offset,
+                    _ => high,
+                })
+            }
+        }
+    }
+
     /// Starts fetching each partition at the given offset, replacing any earlier assignment.
     pub(crate) fn assign(&self, positions: &BTreeMap<i32, i64>) -> Result<()> {
         let mut list = TopicPartitionList::new();
@@ -140,4 +164,45 @@ pub(crate) fn is_fatal_poll_error(e: &KafkaError) -> bool {
                 | Fatal
         )
     )
+}
+
+/// Where `kafka.seek` moves a partition's next offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SeekTarget {
+    Earliest,
+    Latest,
+    Offset(i64),
+    /// The first message whose timestamp is at or after this time (ms since the epoch).
+    Time(i64),
+}
+
+impl SeekTarget {
+    /// `'earliest'`, `'latest'`, an offset, or anything PostgreSQL reads as a `timestamptz`.
+    pub(crate) fn parse(position: &str) -> Result<SeekTarget> {
+        let position = position.trim();
+        match position {
+            "earliest" => return Ok(SeekTarget::Earliest),
+            "latest" => return Ok(SeekTarget::Latest),
+            _ => {}
+        }
+        if let Ok(offset) = position.parse::<i64>() {
+            return if offset >= 0 {
+                Ok(SeekTarget::Offset(offset))
+            } else {
+                Err(BridgeError::InvalidParameter(format!("offset {offset} is negative")))
+            };
+        }
+        let millis = crate::worker::subtransaction(|| {
+            crate::catalog::query_optional::<i64>(
+                "SELECT (pg_catalog.extract(epoch FROM $1::pg_catalog.timestamptz) * 1000)::pg_catalog.int8",
+                &[position.into()],
+            )
+        });
+        match millis {
+            Ok(Some(millis)) => Ok(SeekTarget::Time(millis)),
+            _ => Err(BridgeError::InvalidParameter(format!(
+                "invalid position \"{position}\": use 'earliest', 'latest', an offset, or a timestamp"
+            ))),
+        }
+    }
 }

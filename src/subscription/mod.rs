@@ -42,7 +42,7 @@ pub extern "C-unwind" fn pg_kafka_bridge_subscription_main(_arg: pg_sys::Datum) 
 enum SessionEnd {
     /// The subscription was stopped or dropped: exit.
     Exit,
-    /// Something changed (partitions added): set up again at once.
+    /// Something changed (partitions added, the definition altered): set up again at once.
     Restart,
 }
 
@@ -120,6 +120,10 @@ impl SubscriptionWorker {
         let mut published: Option<BTreeMap<i32, i64>> = None;
         loop {
             worker::check_interrupts_and_reload();
+            if shmem::take_reload_request(self.id) {
+                // kafka.alter_subscription changed the definition.
+                return Ok(SessionEnd::Restart);
+            }
             // Also when the topic went quiet: the last positions reach the group too.
             if settings::publish_consumer_offsets()
                 && Instant::now() >= next_publish

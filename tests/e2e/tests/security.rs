@@ -133,6 +133,7 @@ fn owner_code_runs_as_the_owner_and_catalog_queries_cannot_be_hijacked() {
         let defaults = count(&mut pg, &format!("SELECT count(*) FROM {table} WHERE d = 'd' AND v LIKE 'value %'"));
         assert_eq!(defaults, 3, "{mode}: rows applied with the owner's default and domain");
         attacker.run(&mut pg, &format!("SELECT kafka.drop_subscription('{sub}')")).unwrap();
+        wait_for("the dropped subscription's workers to exit", WAIT, || worker_pids(&mut pg, &sub).is_empty());
     }
     attacker.assert_ran_only_as_itself(&mut pg, &["default", "domain check", "trigger"]);
     let hijacked: Vec<_> =
@@ -384,6 +385,49 @@ fn dead_letters_and_errors_stay_with_their_owner() {
     assert_eq!(seen_by(&mut pg, &first), 0, "dead letters of a dropped subscription are for superusers");
     assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM kafka.dead_letters WHERE subscription = '{sub}'")), 1);
     drop_subscription(&mut pg, &sub);
+    pg.batch_execute(&format!(
+        "DROP TABLE {table}; DROP OWNED BY {0} CASCADE; DROP ROLE {0}; DROP OWNED BY {1} CASCADE; DROP ROLE {1}",
+        first.role, second.role
+    ))
+    .unwrap();
+}
+
+#[test]
+fn publication_dead_letters_stay_with_their_owner() {
+    let mut pg = pg();
+    let (first, second) = (Attacker::new(&mut pg), Attacker::new(&mut pg));
+    let (table, name, prefix) = (format!("public.{}", unique("pdl")), unique("pub"), unique("p"));
+    first.run(&mut pg, &format!("CREATE TABLE {table} (id int PRIMARY KEY, doc text)")).unwrap();
+    let create = format!(
+        "SELECT kafka.create_publication(name => '{name}', brokers => '{}', tables => ARRAY['{table}']::regclass[], \
+         topic => '{prefix}.{{table}}')",
+        brokers()
+    );
+    first.run(&mut pg, &create).unwrap();
+    let big = "x".repeat(64) + &(0..1_200_000).map(|i| char::from(b'a' + ((i * 7919) % 26) as u8)).collect::<String>();
+    first.run(&mut pg, &format!("INSERT INTO {table} VALUES (1, '{big}')")).unwrap();
+    wait_for("the dead letter", WAIT, || {
+        count(&mut pg, &format!("SELECT count(*) FROM kafka.publication_dead_letters WHERE publication = '{name}'"))
+            == 1
+    });
+    let seen_by = |pg: &mut Client, who: &Attacker| {
+        pg.batch_execute(&format!("SET ROLE {}", who.role)).unwrap();
+        let rows =
+            count(pg, &format!("SELECT count(*) FROM kafka.publication_dead_letters WHERE publication = '{name}'"));
+        let counted: Option<i64> = pg
+            .query_one("SELECT dead_letters FROM kafka.publication_status WHERE publication = $1", &[&name])
+            .unwrap()
+            .get(0);
+        pg.batch_execute("RESET ROLE").unwrap();
+        (rows, counted)
+    };
+    assert_eq!(seen_by(&mut pg, &first), (1, Some(1)), "the owner sees its dead letter");
+    assert_eq!(seen_by(&mut pg, &second), (0, None), "another role saw the publication's dead letters");
+    second.run(&mut pg, "DELETE FROM kafka.publication_dead_letters").unwrap();
+    assert_eq!(seen_by(&mut pg, &first), (1, Some(1)), "another role deleted the publication's dead letter");
+    first.run(&mut pg, &format!("DELETE FROM kafka.publication_dead_letters WHERE publication = '{name}'")).unwrap();
+    assert_eq!(seen_by(&mut pg, &first), (0, Some(0)), "the owner may delete its dead letters");
+    drop_publication(&mut pg, &name);
     pg.batch_execute(&format!(
         "DROP TABLE {table}; DROP OWNED BY {0} CASCADE; DROP ROLE {0}; DROP OWNED BY {1} CASCADE; DROP ROLE {1}",
         first.role, second.role

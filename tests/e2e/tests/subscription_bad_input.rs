@@ -57,6 +57,59 @@ fn every_kind_of_bad_message_is_a_dead_letter_and_nothing_stalls() {
     drop_subscription(&mut pg, &sub);
 }
 
+/// Errors of PostgreSQL's class 54 (program limits) are the message's fault too: a value
+/// nested deeper than the server's stack allows, a value too large for a btree index on its
+/// column (an upsert key included). Each is a dead letter; the rows around it land.
+#[test]
+fn values_beyond_the_servers_limits_are_dead_letters_in_insert_and_upsert_mode() {
+    // Incompressible text of `n` characters: too large for a btree index entry (about 2.7 kB).
+    let noise = |n: usize| {
+        let mut rng = Rng::new();
+        (0..n).map(|_| char::from(b'a' + rng.below(26) as u8)).collect::<String>()
+    };
+    let deep = |levels: usize| format!("{}{}", "[".repeat(levels), "]".repeat(levels));
+    for mode in ["insert", "upsert"] {
+        let mut pg = pg();
+        let (topic, table, sub) = topic_and_table(&mut pg, "limits", 1, "id text PRIMARY KEY, doc jsonb, tag text");
+        pg.batch_execute(&format!("CREATE INDEX ON {table} (tag)")).unwrap();
+        let extra = if mode == "upsert" { ", mode => 'upsert', key_columns => ARRAY['id']" } else { "" };
+        create_subscription(&mut pg, &sub, &topic, &table, extra);
+        let cases: Vec<(&str, String)> = vec![
+            ("stack depth", format!(r#"{{"id": "deep", "doc": {}}}"#, deep(100_000))),
+            ("index row size", json!({"id": "wide", "tag": noise(3_000)}).to_string()),
+            ("index row size", json!({"id": noise(3_000), "tag": "wide key"}).to_string()),
+        ];
+        let p = producer();
+        let good = |i: usize| json!({"id": format!("good-{i}"), "doc": {"n": i}, "tag": "ok"}).to_string();
+        p.send(&topic, None, Some(b"k"), Some(good(0).as_bytes()));
+        for (i, (_, payload)) in cases.iter().enumerate() {
+            p.send(&topic, None, Some(b"k"), Some(payload.as_bytes()));
+            p.send(&topic, None, Some(b"k"), Some(good(i + 1).as_bytes()));
+        }
+        p.flush();
+        let total = 1 + 2 * cases.len() as i64;
+        wait_for_count(&format!("SELECT next_offset FROM kafka.offsets WHERE subscription = '{sub}'"), total, WAIT);
+        let errors: Vec<String> = pg
+            .query(
+                &format!("SELECT error FROM kafka.dead_letters WHERE subscription = '{sub}' ORDER BY \"offset\""),
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(errors.len(), cases.len(), "{mode}: {errors:?}");
+        for ((expected, _), error) in cases.iter().zip(&errors) {
+            // JSON nested beyond the parser's limit may be refused before PostgreSQL sees it.
+            let matches = error.contains(expected) || (*expected == "stack depth" && error.contains("recursion limit"));
+            assert!(matches, "{mode}: expected an error about {expected}, got {error}");
+        }
+        assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM {table}")), 1 + cases.len() as i64, "{mode}");
+        assert!(!status(&mut pg, &sub).contains("| error |"), "{mode}: {}", status(&mut pg, &sub));
+        drop_subscription(&mut pg, &sub);
+    }
+}
+
 #[test]
 fn a_missing_table_holds_the_offsets_and_heals() {
     let mut pg = pg();

@@ -160,9 +160,9 @@ fn update_keeps_positions_and_matches_a_fresh_install() {
 fn schema_of(pg: &mut Client) -> Vec<String> {
     pg.query(
         "SELECT d FROM (
-           SELECT pg_catalog.format('column %s.%s %s not null %s default %s', c.relname, a.attname,
+           SELECT pg_catalog.format('column %s.%s %s not null %s default %s acl %s', c.relname, a.attname,
                                     pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull,
-                                    pg_catalog.pg_get_expr(ad.adbin, ad.adrelid))
+                                    pg_catalog.pg_get_expr(ad.adbin, ad.adrelid), a.attacl)
              FROM pg_catalog.pg_class c
              JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
              LEFT JOIN pg_catalog.pg_attrdef ad ON ad.adrelid = c.oid AND ad.adnum = a.attnum
