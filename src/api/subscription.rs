@@ -1,6 +1,6 @@
 //! Subscriptions: create, start, stop, drop.
 
-use crate::catalog::{self, Subscription};
+use crate::catalog::{self, ExistingOffset, Subscription};
 use crate::error::{BridgeError, OrRaise, Result};
 use crate::format::{Format, Mode, StartFrom};
 use crate::kafka::Options;
@@ -181,7 +181,7 @@ fn seek(subscription: &str, position: &str, partition: default!(Option<i32>, "NU
             }
         };
         let positions = chosen.iter().map(|&p| Ok((p, source.resolve(p, target)?))).collect::<Result<Vec<_>>>()?;
-        catalog::set_offsets(s, &positions)
+        catalog::store_offsets(s, &positions, ExistingOffset::Replace)
     })
     .or_raise();
 }

@@ -253,35 +253,33 @@ pub(crate) fn read_offsets(subscription: &Subscription) -> Result<HashMap<i32, i
     })
 }
 
-/// Sets the stored positions of partitions, whatever they were (`kafka.seek`).
-pub(crate) fn set_offsets(subscription: &Subscription, positions: &[(i32, i64)]) -> Result<()> {
+/// What [`store_offsets`] does with a partition that has a stored position already.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ExistingOffset {
+    /// Keep it: the new one is only a start for partitions without one.
+    Keep,
+    /// Replace it (`kafka.seek`).
+    Replace,
+}
+
+/// Stores the positions `(partition, next offset)` of the subscription's partitions.
+pub(crate) fn store_offsets(
+    subscription: &Subscription,
+    positions: &[(i32, i64)],
+    existing: ExistingOffset,
+) -> Result<()> {
+    let on_conflict = match existing {
+        ExistingOffset::Keep => "DO NOTHING",
+        ExistingOffset::Replace => "DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = pg_catalog.now()",
+    };
+    let sql = format!(
+        "INSERT INTO kafka.offsets (subscription_id, subscription, topic, partition, next_offset) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (subscription_id, topic, partition) {on_conflict}"
+    );
     Spi::connect_mut(|client| {
         for &(partition, offset) in positions {
             client.update(
-                "INSERT INTO kafka.offsets (subscription_id, subscription, topic, partition, next_offset) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (subscription_id, topic, partition) \
-                 DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = pg_catalog.now()",
-                None,
-                &[
-                    subscription.id.into(),
-                    subscription.name.as_str().into(),
-                    subscription.topic.as_str().into(),
-                    partition.into(),
-                    offset.into(),
-                ],
-            )?;
-        }
-        Ok(())
-    })
-}
-
-/// Stores starting positions for partitions that have none yet; existing ones are kept.
-pub(crate) fn insert_missing_offsets(subscription: &Subscription, starts: &[(i32, i64)]) -> Result<()> {
-    Spi::connect_mut(|client| {
-        for &(partition, offset) in starts {
-            client.update(
-                "INSERT INTO kafka.offsets (subscription_id, subscription, topic, partition, next_offset) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                &sql,
                 None,
                 &[
                     subscription.id.into(),

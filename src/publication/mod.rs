@@ -116,8 +116,10 @@ impl PublicationWorker {
                 }
                 Err(e) => return Err(e),
             };
+            let mut progressed = caught_up;
             if p.has_open_transaction() && (caught_up || p.open_transaction_age() >= MAX_KAFKA_TRANSACTION_AGE) {
                 p.commit_transaction()?;
+                progressed = true;
                 // The broker took a commit: an error it reported before has passed.
                 shmem::update(self.id, |slot| slot.state = WorkerState::Running);
             }
@@ -134,7 +136,11 @@ impl PublicationWorker {
             if let Some(lsn) = confirm {
                 decoder.confirm(lsn)?;
             }
-            backoff.reset();
+            // Only progress ends a run of failures: a session that fails again at the same
+            // event after some decoding keeps backing off.
+            if progressed {
+                backoff.reset();
+            }
             if caught_up {
                 worker::sleep(IDLE_WAIT);
             }

@@ -194,7 +194,7 @@ impl SeekTarget {
         }
         let millis = crate::worker::subtransaction(|| {
             crate::catalog::query_optional::<i64>(
-                "SELECT (pg_catalog.extract(epoch FROM $1::pg_catalog.timestamptz) * 1000)::pg_catalog.int8",
+                "SELECT (pg_catalog.extract('epoch', $1::pg_catalog.timestamptz) * 1000)::pg_catalog.int8",
                 &[position.into()],
             )
         });

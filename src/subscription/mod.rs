@@ -8,7 +8,7 @@ pub(crate) mod copy;
 pub(crate) mod prefetch;
 pub(crate) mod target;
 
-use crate::catalog::{self, Subscription};
+use crate::catalog::{self, ExistingOffset, Subscription};
 use crate::error::{BridgeError, Result};
 use crate::format::StartFrom;
 use crate::kafka::Options;
@@ -261,7 +261,7 @@ impl SubscriptionWorker {
             missing.push((p, source.boundary(p, latest)?));
         }
         if !missing.is_empty() {
-            worker::transaction(|| catalog::insert_missing_offsets(subscription, &missing))?;
+            worker::transaction(|| catalog::store_offsets(subscription, &missing, ExistingOffset::Keep))?;
         }
         let stored = worker::transaction(|| catalog::read_offsets(subscription))?;
         Ok(partitions.iter().filter_map(|p| stored.get(p).map(|o| (*p, *o))).collect())

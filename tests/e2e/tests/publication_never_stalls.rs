@@ -269,3 +269,40 @@ fn a_replay_longer_than_the_kafka_transaction_timeout_commits_inside_it() {
     );
     drop_publication(&mut pg, &name);
 }
+
+/// A worker process that keeps dying is started again with a growing delay (100 ms doubled
+/// for each exit in a row), never in a tight loop, and its status says why meanwhile.
+#[test]
+fn a_worker_that_keeps_dying_is_restarted_with_backoff() {
+    let mut pg = pg();
+    let (table, name) = (unique("t"), unique("pub"));
+    pg.batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)")).unwrap();
+    create_publication(&mut pg, &name, &[&table], "");
+    let mut delays = Vec::new();
+    let mut previous = 0;
+    for _ in 0..6 {
+        wait_for("a worker", TIMEOUT, || {
+            publication_worker_pids(&mut pg, &name).first().is_some_and(|p| *p != previous)
+        });
+        let pid = publication_worker_pids(&mut pg, &name)[0];
+        pg.batch_execute(&format!("SELECT pg_terminate_backend({pid})")).unwrap();
+        let killed = Instant::now();
+        wait_for("the worker to exit", TIMEOUT, || !publication_worker_pids(&mut pg, &name).contains(&pid));
+        let (state, error): (String, Option<String>) = {
+            let row = pg
+                .query_one("SELECT state, last_error FROM kafka.publication_status WHERE publication = $1", &[&name])
+                .unwrap();
+            (row.get(0), row.get(1))
+        };
+        if publication_worker_pids(&mut pg, &name).is_empty() {
+            assert_eq!(state, "error");
+            assert!(error.as_deref().is_some_and(|e| e.contains("exited with code 1")), "{error:?}");
+        }
+        wait_for("a new worker", TIMEOUT, || !publication_worker_pids(&mut pg, &name).is_empty());
+        delays.push(killed.elapsed());
+        previous = pid;
+    }
+    assert!(delays[5] >= Duration::from_millis(3000), "no backoff: {delays:?}");
+    assert!(delays[5] > delays[0], "{delays:?}");
+    drop_publication(&mut pg, &name);
+}
