@@ -5,6 +5,7 @@
 mod confirm;
 mod decoder;
 pub(crate) mod events;
+mod history;
 pub(crate) mod outbox;
 mod plugin;
 pub(crate) use plugin::PLUGIN;

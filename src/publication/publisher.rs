@@ -9,6 +9,7 @@
 
 use super::confirm::ConfirmTracker;
 use super::events::TxnInfo;
+use super::history;
 use super::plugin::Sink;
 use crate::catalog::publication::{OnEventError, Publication};
 use crate::error::{BridgeError, Result};
@@ -50,6 +51,9 @@ struct ProgressRecord {
     publication: String,
     commit_lsn: u64,
     seq: i64,
+    /// The server's timeline when the record was written (absent before release 0.3).
+    #[serde(default)]
+    timeline: Option<u32>,
 }
 
 pub(crate) struct Publisher {
@@ -126,7 +130,11 @@ impl Publisher {
                 ("auto.offset.reset", "error"),
             ],
         );
-        let committed = read_progress(&reader, &publication.progress_topic, &transactional_id)?;
+        let progress = read_progress(&reader, &publication.progress_topic, &transactional_id)?;
+        if let Some(record) = &progress {
+            history::check_progress(record.commit_lsn, record.timeline)?;
+        }
+        let committed = progress.map(|r| Position { commit_lsn: r.commit_lsn, seq: r.seq });
         if let Some(position) = committed {
             shmem::update(status, |slot| {
                 slot.published_lsn = position.commit_lsn;
@@ -198,6 +206,7 @@ impl Publisher {
             publication: self.publication.clone(),
             commit_lsn: open.last.commit_lsn,
             seq: open.last.seq,
+            timeline: Some(history::flushed_wal().1),
         };
         let value = serde_json::to_vec(&record).unwrap_or_default();
         let progress = BaseRecord::to(&self.progress_topic).partition(0).key(&self.transactional_id).payload(&value);
@@ -278,7 +287,7 @@ impl Publisher {
             return Err(BridgeError::EventRejected(format!(
                 "the event at {}/{} for topic \"{topic}\" can never be published: {reason} (the publication's \
                  on_event_error is 'stop')",
-                lsn_text(position.commit_lsn),
+                history::lsn_text(position.commit_lsn),
                 position.seq
             )));
         }
@@ -402,10 +411,6 @@ unsafe extern "C-unwind" fn abort_open_transaction_at_exit(_code: i32, _arg: pgr
     }
 }
 
-fn lsn_text(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn as u32)
-}
-
 /// Stable for the publication, and distinct for every server, database and publication
 /// (a publication dropped and created again under its name is another one).
 pub(crate) fn transactional_id(publication: &Publication) -> String {
@@ -437,7 +442,7 @@ fn retry_while_timed_out(what: &str, mut call: impl FnMut() -> rdkafka::error::K
 
 /// The position in the last committed progress record of `key`, read from the end of
 /// partition 0 backwards by a consumer of `config` (read_committed isolation).
-fn read_progress(config: &ClientConfig, topic: &str, key: &str) -> Result<Option<Position>> {
+fn read_progress(config: &ClientConfig, topic: &str, key: &str) -> Result<Option<ProgressRecord>> {
     let consumer: BaseConsumer = config.create()?;
     let (low, high) = consumer
         .fetch_watermarks(topic, 0, SETUP_TIMEOUT)
@@ -460,7 +465,7 @@ fn read_progress(config: &ClientConfig, topic: &str, key: &str) -> Result<Option
                     }
                     if m.key() == Some(key.as_bytes()) {
                         let record: Option<ProgressRecord> = m.payload().and_then(|p| serde_json::from_slice(p).ok());
-                        found = record.map(|r| Position { commit_lsn: r.commit_lsn, seq: r.seq }).or(found);
+                        found = record.or(found);
                     }
                 }
                 Some(Err(KafkaError::PartitionEOF(_))) => break,

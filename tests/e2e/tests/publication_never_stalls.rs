@@ -306,3 +306,49 @@ fn a_worker_that_keeps_dying_is_restarted_with_backoff() {
     assert!(delays[5] > delays[0], "{delays:?}");
     drop_publication(&mut pg, &name);
 }
+
+/// A progress record in Kafka ahead of this server's WAL (as after a restore from an older
+/// backup) stops the publication with an error that says so, and publishes nothing more.
+#[test]
+fn a_progress_record_ahead_of_the_wal_stops_the_publication_with_a_clear_error() {
+    let mut pg = pg();
+    let (table, name, prefix) = (unique("t"), unique("pub"), unique("p"));
+    pg.batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)")).unwrap();
+    create_publication(&mut pg, &name, &[&table], &format!(", topic => '{prefix}.{{table}}'"));
+    let topic = format!("{prefix}.{table}");
+    pg.batch_execute(&format!("INSERT INTO {table} VALUES (1)")).unwrap();
+    assert_eq!(published_ids(&topic, 1).len(), 1);
+    stop_publication(&mut pg, &name);
+
+    // What a later server wrote: the key is the publication's transactional id.
+    let row = pg
+        .query_one(
+            "SELECT format('pg_kafka_bridge.%s.%s.%s', (SELECT system_identifier FROM pg_control_system()), \
+                           (SELECT oid FROM pg_database WHERE datname = current_database()), p.id), \
+                    (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint + 1000000000 \
+               FROM kafka.publication_catalog p WHERE p.name = $1",
+            &[&name],
+        )
+        .unwrap();
+    let (key, ahead): (String, i64) = (row.get(0), row.get(1));
+    let record = serde_json::json!({"publication": name, "commit_lsn": ahead, "seq": 0});
+    let p = producer();
+    p.send(
+        &format!("pg_kafka_bridge.progress.{name}"),
+        Some(0),
+        Some(key.as_bytes()),
+        Some(record.to_string().as_bytes()),
+    );
+    p.flush();
+
+    pg.batch_execute(&format!("SELECT kafka.start_publication('{name}'); INSERT INTO {table} VALUES (2)")).unwrap();
+    wait_for("the error in the status", TIMEOUT, || {
+        publication_error(&mut pg, &name).is_some_and(|e| e.contains("ahead of this server's WAL"))
+    });
+    let state: String =
+        pg.query_one("SELECT state FROM kafka.publication_status WHERE publication = $1", &[&name]).unwrap().get(0);
+    assert_eq!(state, "error");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(read_events_with_kcat(&topic, 1, Duration::from_secs(1)).len(), 1, "published past the guard");
+    drop_publication(&mut pg, &name);
+}

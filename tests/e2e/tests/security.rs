@@ -434,3 +434,88 @@ fn publication_dead_letters_stay_with_their_owner() {
     ))
     .unwrap();
 }
+
+/// The change-in-place functions follow the create functions' rules: only the owner's roles
+/// may alter or seek, a new target must be writable by the owner, a table added to a
+/// publication readable in full by the owner, and options that reach server files refused.
+#[test]
+fn altering_and_seeking_give_no_more_than_creating() {
+    let mut pg = pg();
+    let (owner, other) = (Attacker::new(&mut pg), Attacker::new(&mut pg));
+    let (topic, table, sub) = (unique("alt"), format!("public.{}", unique("alt")), unique("sub"));
+    let (secret, hidden, name) =
+        (format!("public.{}", unique("secret")), format!("public.{}", unique("hidden")), unique("pub"));
+    create_topic(&topic, 1);
+    owner.run(&mut pg, &format!("CREATE TABLE {table} (id bigint PRIMARY KEY)")).unwrap();
+    pg.batch_execute(&format!(
+        "CREATE TABLE {secret} (id bigint PRIMARY KEY);
+         CREATE TABLE {hidden} (id int PRIMARY KEY, owner text);
+         GRANT SELECT ON {hidden} TO {0};
+         ALTER TABLE {hidden} ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY mine ON {hidden} USING (owner = current_user);",
+        owner.role
+    ))
+    .unwrap();
+    owner
+        .run(
+            &mut pg,
+            &format!(
+                "SELECT kafka.create_subscription(name => '{sub}', brokers => '{}', topic => '{topic}',
+                                                  target => '{table}'::regclass)",
+                brokers()
+            ),
+        )
+        .unwrap();
+    owner
+        .run(
+            &mut pg,
+            &format!(
+                "SELECT kafka.create_publication(name => '{name}', brokers => '{}', tables => ARRAY['{table}']::regclass[])",
+                brokers()
+            ),
+        )
+        .unwrap();
+    let refused = |who: &Attacker, pg: &mut Client, sql: &str, expected: &str| {
+        let error = who.run(pg, sql).expect_err(sql);
+        let message = error.as_db_error().map(|e| e.message().to_string()).unwrap_or_default();
+        assert!(message.contains(expected), "{sql}: {message}");
+    };
+    refused(&other, &mut pg, &format!("SELECT kafka.alter_subscription('{sub}', batch_size => 5)"), "must be owner");
+    refused(&other, &mut pg, &format!("SELECT kafka.seek('{sub}', 'earliest')"), "must be owner");
+    refused(&other, &mut pg, &format!("SELECT kafka.alter_publication('{name}', brokers => 'x:1')"), "must be owner");
+    refused(
+        &owner,
+        &mut pg,
+        &format!("SELECT kafka.alter_subscription('{sub}', target => '{secret}')"),
+        "may not insert into",
+    );
+    refused(
+        &owner,
+        &mut pg,
+        &format!("SELECT kafka.alter_subscription('{sub}', options => '{{\"ssl.key.location\": \"/etc/ssl/private/ssl-cert-snakeoil.key\"}}')"),
+        "pg_read_server_files",
+    );
+    refused(
+        &owner,
+        &mut pg,
+        &format!("SELECT kafka.alter_publication('{name}', add_tables => ARRAY['{hidden}']::regclass[])"),
+        "row-level security",
+    );
+    refused(
+        &owner,
+        &mut pg,
+        &format!("SELECT kafka.alter_publication('{name}', options => '{{\"plugin.library.paths\": \"/usr/lib/x86_64-linux-gnu/libz.so.1\"}}')"),
+        "only superusers",
+    );
+    let target: String =
+        pg.query_one("SELECT target FROM kafka.subscriptions WHERE name = $1", &[&sub]).unwrap().get(0);
+    assert_eq!(target, table, "the refused alter changed nothing");
+    assert!(!owner.is_superuser(&mut pg) && !other.is_superuser(&mut pg));
+    drop_subscription(&mut pg, &sub);
+    drop_publication(&mut pg, &name);
+    pg.batch_execute(&format!(
+        "DROP TABLE {secret}, {hidden}, {table}; DROP OWNED BY {0} CASCADE; DROP ROLE {0}; DROP OWNED BY {1} CASCADE; DROP ROLE {1}",
+        owner.role, other.role
+    ))
+    .unwrap();
+}
