@@ -12,8 +12,6 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::KafkaError;
-use rdkafka::message::DeliveryResult;
-use rdkafka::producer::ProducerContext;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
 use std::sync::Arc;
@@ -137,6 +135,11 @@ impl ErrorMailbox {
     pub(crate) fn take(&self) -> Option<String> {
         self.0.lock().take()
     }
+
+    /// Keeps `message` as the latest error (called from librdkafka's threads).
+    pub(crate) fn put(&self, message: String) {
+        *self.0.lock() = Some(message);
+    }
 }
 
 pub(crate) struct BridgeContext {
@@ -147,22 +150,11 @@ impl ClientContext for BridgeContext {
     fn log(&self, _level: RDKafkaLogLevel, _facility: &str, _message: &str) {}
 
     fn error(&self, error: KafkaError, reason: &str) {
-        *self.errors.0.lock() = Some(format!("{error}: {reason}"));
+        self.errors.put(format!("{error}: {reason}"));
     }
 }
 
 impl ConsumerContext for BridgeContext {}
-
-impl ProducerContext for BridgeContext {
-    type DeliveryOpaque = ();
-
-    fn delivery(&self, result: &DeliveryResult<'_>, _opaque: ()) {
-        if let Err((error, message)) = result {
-            use rdkafka::Message;
-            *self.errors.0.lock() = Some(format!("delivery to topic \"{}\" failed: {error}", message.topic()));
-        }
-    }
-}
 
 /// Creates a topic of one partition with the broker's default replication, unless it exists.
 /// `compacted` topics keep the last record of each key.

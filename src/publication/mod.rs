@@ -10,6 +10,7 @@ pub(crate) mod outbox;
 mod plugin;
 pub(crate) use plugin::PLUGIN;
 mod publisher;
+use publisher::Refusal;
 pub(crate) use publisher::{Position, PublicationDeadLetter};
 pub(crate) mod slots;
 
@@ -23,6 +24,8 @@ use decoder::Decoder;
 use pgrx::prelude::*;
 use plugin::Selection;
 use publisher::{Publisher, MAX_KAFKA_TRANSACTION_AGE};
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// Longest stretch of decoding between two looks at signals and the Kafka transaction.
@@ -36,13 +39,15 @@ pub extern "C-unwind" fn pg_kafka_bridge_publication_main(_arg: pg_sys::Datum) {
     let Some((id, slot)) = worker::attach_with_slot(&settings::database()) else {
         return;
     };
-    let worker = PublicationWorker { id, publication_id: slot.object_id };
+    let worker = PublicationWorker { id, publication_id: slot.object_id, refusals: RefCell::default() };
     worker.run();
 }
 
 struct PublicationWorker {
     id: SlotId,
     publication_id: i32,
+    /// What the broker refused in earlier sessions, by event position.
+    refusals: RefCell<HashMap<Position, Refusal>>,
 }
 
 /// How a session ended without an error.
@@ -77,7 +82,7 @@ impl PublicationWorker {
         pin_output_settings();
         let recorded =
             |after| worker::transaction(|| catalog::publication::recorded_dead_letters(publication.id, after));
-        let publisher = Publisher::connect(&publication, &options, self.id, recorded)?;
+        let publisher = Publisher::connect(&publication, &options, self.id, recorded, self.refusals.borrow().clone())?;
         let mut meter = RateMeter::default();
         let mut reported_events = 0;
         self.report(&publisher, &mut meter, &mut reported_events);
@@ -115,11 +120,13 @@ impl PublicationWorker {
                     p.abort_transaction();
                     return Ok(SessionEnd::Restart);
                 }
-                Err(e) => return Err(e),
+                Err(e) => return self.after_failure(p, e),
             };
             let mut progressed = caught_up;
             if p.has_open_transaction() && (caught_up || p.open_transaction_age() >= MAX_KAFKA_TRANSACTION_AGE) {
-                p.commit_transaction()?;
+                if let Err(e) = p.commit_transaction() {
+                    return self.after_failure(p, e);
+                }
                 progressed = true;
                 // The broker took a commit: an error it reported before has passed.
                 shmem::update(self.id, |slot| slot.state = WorkerState::Running);
@@ -146,6 +153,28 @@ impl PublicationWorker {
                 worker::sleep(IDLE_WAIT);
             }
         }
+    }
+
+    /// A session failed with `error`. If the broker refused deliveries for good, the next
+    /// session, started at once, knows them (see [`Refusal`]); otherwise the error stands.
+    fn after_failure(&self, publisher: &mut Publisher, error: BridgeError) -> Result<SessionEnd> {
+        let refusals = publisher.take_refusals();
+        if refusals.is_empty() {
+            return Err(error);
+        }
+        publisher.abort_transaction();
+        log!(
+            "pg_kafka_bridge: the broker refused {} event(s) for good ({error}); publishing again, each suspect alone",
+            refusals.len()
+        );
+        let mut known = self.refusals.borrow_mut();
+        for (position, refusal) in refusals {
+            // What an event sent alone showed stays; a suspect never replaces it.
+            if refusal.isolated || !known.contains_key(&position) {
+                known.insert(position, refusal);
+            }
+        }
+        Ok(SessionEnd::Restart)
     }
 
     fn report(&self, publisher: &Publisher, meter: &mut RateMeter, reported_events: &mut u64) {

@@ -13,17 +13,20 @@ use super::history;
 use super::plugin::Sink;
 use crate::catalog::publication::{OnEventError, Publication};
 use crate::error::{BridgeError, Result};
-use crate::kafka::{self, BridgeContext, ErrorMailbox, Options};
+use crate::kafka::{self, ErrorMailbox, Options};
 use crate::shmem::{self, SlotId};
 use crate::worker;
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
+use rdkafka::message::DeliveryResult;
 use rdkafka::message::{Message, ToBytes};
-use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -57,7 +60,7 @@ struct ProgressRecord {
 }
 
 pub(crate) struct Publisher {
-    producer: Arc<ThreadedProducer<BridgeContext>>,
+    producer: Arc<ThreadedProducer<PublisherContext>>,
     pub(crate) errors: ErrorMailbox,
     progress_topic: String,
     transactional_id: String,
@@ -77,6 +80,63 @@ pub(crate) struct Publisher {
     pending_dead_letters: Vec<PublicationDeadLetter>,
     /// Positions beyond the committed progress that are recorded as dead letters already.
     recorded_dead_letters: HashSet<Position>,
+    /// Deliveries the broker refused in this session, filled by the delivery callback.
+    refused: Arc<parking_lot::Mutex<Vec<(Position, String)>>>,
+    /// What earlier sessions learnt of refused deliveries.
+    refusals: HashMap<Position, Refusal>,
+    /// The event being sent alone, to learn whether the broker refuses it.
+    isolating: Option<Position>,
+}
+
+/// A delivery the broker refused for good (too large for the topic, an invalid record, a
+/// policy): the whole Kafka transaction fails with it. The broker refuses a batch of
+/// messages as a whole, so a refused event is first only a suspect; the next session sends
+/// it alone, and if the broker refuses it then, it can never be published.
+#[derive(Clone, Debug)]
+pub(crate) struct Refusal {
+    reason: String,
+    /// Refused when sent alone: the event itself is at fault.
+    pub(crate) isolated: bool,
+}
+
+/// The producer's callbacks: librdkafka's errors for the status view, and the deliveries
+/// the broker refused for good, by the position of their event.
+pub(crate) struct PublisherContext {
+    errors: ErrorMailbox,
+    refused: Arc<parking_lot::Mutex<Vec<(Position, String)>>>,
+}
+
+/// The position given to records that are not events (progress records).
+const NOT_AN_EVENT: Position = Position { commit_lsn: 0, seq: -1 };
+
+impl ClientContext for PublisherContext {
+    fn log(&self, _level: RDKafkaLogLevel, _facility: &str, _message: &str) {}
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.errors.put(format!("{error}: {reason}"));
+    }
+}
+
+impl ProducerContext for PublisherContext {
+    type DeliveryOpaque = Box<Position>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, position: Box<Position>) {
+        if let Err((error, message)) = result {
+            self.errors.put(format!("delivery to topic \"{}\" failed: {error}", message.topic()));
+            if *position != NOT_AN_EVENT && refused_for_good(error) {
+                self.refused.lock().push((*position, format!("the broker refused it: {error}")));
+            }
+        }
+    }
+}
+
+/// Errors with which the broker refuses a message whatever the number of attempts.
+fn refused_for_good(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(MessageSizeTooLarge | MessageBatchTooLarge | InvalidTopic | InvalidRecord | PolicyViolation)
+    )
 }
 
 /// An event that Kafka can never take, as `kafka.publication_dead_letters` records it.
@@ -104,6 +164,7 @@ impl Publisher {
         options: &Options,
         status: SlotId,
         recorded_dead_letters: impl FnOnce(Option<Position>) -> Result<HashSet<Position>>,
+        mut refusals: HashMap<Position, Refusal>,
     ) -> Result<Publisher> {
         let transactional_id = transactional_id(publication);
         let brokers = publication.brokers.as_str();
@@ -113,8 +174,9 @@ impl Publisher {
             &[("transactional.id", &transactional_id), ("enable.idempotence", "true")],
         );
         let errors = ErrorMailbox::default();
-        let producer: Arc<ThreadedProducer<BridgeContext>> =
-            Arc::new(config.create_with_context(BridgeContext { errors: errors.clone() })?);
+        let refused = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let context = PublisherContext { errors: errors.clone(), refused: refused.clone() };
+        let producer: Arc<ThreadedProducer<PublisherContext>> = Arc::new(config.create_with_context(context)?);
         kafka::create_topic_if_missing(&options.client_config(brokers, &[], &[]), &publication.progress_topic, true)?;
         retry_while_timed_out("initialising the Kafka transactional producer", || {
             producer.init_transactions(CALL_SLICE)
@@ -142,6 +204,7 @@ impl Publisher {
             });
         }
         let recorded_dead_letters = recorded_dead_letters(committed)?;
+        refusals.retain(|position, _| committed.is_none_or(|c| *position > c));
         abort_at_exit(&producer);
         Ok(Publisher {
             producer,
@@ -157,7 +220,20 @@ impl Publisher {
             on_event_error: publication.on_event_error,
             pending_dead_letters: Vec::new(),
             recorded_dead_letters,
+            refused,
+            refusals,
+            isolating: None,
         })
+    }
+
+    /// The refusals of this session's deliveries, for the next session (see [`Refusal`]).
+    pub(crate) fn take_refusals(&mut self) -> Vec<(Position, Refusal)> {
+        let isolating = self.isolating.take();
+        let refused = std::mem::take(&mut *self.refused.lock());
+        refused
+            .into_iter()
+            .map(|(position, reason)| (position, Refusal { reason, isolated: isolating == Some(position) }))
+            .collect()
     }
 
     /// The dead letters to record before the next Kafka commit; once recorded, the caller
@@ -209,7 +285,10 @@ impl Publisher {
             timeline: Some(history::flushed_wal().1),
         };
         let value = serde_json::to_vec(&record).unwrap_or_default();
-        let progress = BaseRecord::to(&self.progress_topic).partition(0).key(&self.transactional_id).payload(&value);
+        let progress = BaseRecord::with_opaque_to(&self.progress_topic, Box::new(NOT_AN_EVENT))
+            .partition(0)
+            .key(&self.transactional_id)
+            .payload(&value);
         self.send(progress)?;
         let outcome =
             retry_while_timed_out("committing a Kafka transaction", || self.producer.commit_transaction(CALL_SLICE));
@@ -231,7 +310,7 @@ impl Publisher {
         Ok(())
     }
 
-    fn send<K, P>(&self, mut record: BaseRecord<'_, K, P>) -> Result<()>
+    fn send<K, P>(&self, mut record: BaseRecord<'_, K, P, Box<Position>>) -> Result<()>
     where
         K: ToBytes + ?Sized,
         P: ToBytes + ?Sized,
@@ -258,6 +337,11 @@ impl Publisher {
                 }
             }
         }
+    }
+
+    /// Waits until every message sent so far is delivered or refused.
+    fn flush(&self) -> Result<()> {
+        retry_while_timed_out("flushing the producer", || self.producer.flush(CALL_SLICE))
     }
 
     fn begin_if_needed(&mut self, position: Position) -> Result<&mut OpenTransaction> {
@@ -334,12 +418,21 @@ impl Sink for Publisher {
             self.cover(position, txn)?;
             return self.commit_if_due();
         }
-        if let Some(reason) = kafka::topic_name_problem(topic) {
+        let known = self.refusals.get(&position).cloned();
+        if let Some(reason) =
+            kafka::topic_name_problem(topic).or(known.as_ref().filter(|r| r.isolated).map(|r| r.reason.clone()))
+        {
             self.reject(position, txn, RejectedEvent { topic, key, value, reason })?;
             return self.commit_if_due();
         }
         self.begin_if_needed(position)?;
-        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
+        if known.is_some() {
+            // A suspect: alone in its batch, the broker's answer is about this event only.
+            self.flush()?;
+            self.isolating = Some(position);
+        }
+        let mut record: BaseRecord<'_, [u8], [u8], Box<Position>> =
+            BaseRecord::with_opaque_to(topic, Box::new(position));
         if let Some(k) = key {
             record = record.key(k);
         }
@@ -358,6 +451,19 @@ impl Sink for Publisher {
                 self.reject(position, txn, RejectedEvent { topic, key, value, reason })?
             }
             Err(e) => return Err(e),
+        }
+        if self.isolating == Some(position) {
+            self.flush()?;
+            if !self.refused.lock().is_empty() {
+                // The transaction cannot commit now; the next session knows the event.
+                return Err(BridgeError::Kafka(format!(
+                    "the broker refused the event at {}/{} for good",
+                    history::lsn_text(position.commit_lsn),
+                    position.seq
+                )));
+            }
+            self.isolating = None;
+            self.refusals.remove(&position);
         }
         self.commit_if_due()
     }
@@ -386,10 +492,10 @@ impl Drop for Publisher {
 /// The producer whose open Kafka transaction is aborted if the process exits (SIGTERM ends
 /// a worker without unwinding): `read_committed` readers of its partitions need not wait for
 /// the broker's transaction timeout.
-static PRODUCER_AT_EXIT: parking_lot::Mutex<Option<Weak<ThreadedProducer<BridgeContext>>>> =
+static PRODUCER_AT_EXIT: parking_lot::Mutex<Option<Weak<ThreadedProducer<PublisherContext>>>> =
     parking_lot::Mutex::new(None);
 
-fn abort_at_exit(producer: &Arc<ThreadedProducer<BridgeContext>>) {
+fn abort_at_exit(producer: &Arc<ThreadedProducer<PublisherContext>>) {
     static REGISTERED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     *PRODUCER_AT_EXIT.lock() = Some(Arc::downgrade(producer));
     if !REGISTERED.swap(true, std::sync::atomic::Ordering::Relaxed) {

@@ -80,9 +80,21 @@ pub fn unique(prefix: &str) -> String {
 }
 
 pub fn create_topic(name: &str, partitions: i32) {
+    create_topic_of(name, partitions, &[]);
+}
+
+/// A topic of one partition with topic-level settings (`max.message.bytes`, ...).
+pub fn create_topic_with(name: &str, settings: &[(&str, &str)]) {
+    create_topic_of(name, 1, settings);
+}
+
+fn create_topic_of(name: &str, partitions: i32, settings: &[(&str, &str)]) {
     let admin: AdminClient<DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin client");
-    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    for (key, value) in settings {
+        topic = topic.set(key, value);
+    }
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = block_on(admin.create_topics([&topic], &options)).expect("create topic");
     for r in results {

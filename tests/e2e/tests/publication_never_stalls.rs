@@ -352,3 +352,34 @@ fn a_progress_record_ahead_of_the_wal_stops_the_publication_with_a_clear_error()
     assert_eq!(read_events_with_kcat(&topic, 1, Duration::from_secs(1)).len(), 1, "published past the guard");
     drop_publication(&mut pg, &name);
 }
+
+/// The broker refuses an event the producer accepted (the topic's max.message.bytes is below
+/// the producer's): the Kafka transaction fails with it, and the events batched with it are
+/// refused too. Sent again one by one, only the event at fault becomes a dead letter; every
+/// other row of the transaction is published once.
+#[test]
+fn an_event_the_broker_refuses_is_found_alone_and_is_a_dead_letter() {
+    let mut pg = pg();
+    let (table, name, prefix) = (unique("t"), unique("pub"), unique("p"));
+    pg.batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY, doc text)")).unwrap();
+    let topic = format!("{prefix}.{table}");
+    create_topic_with(&topic, &[("max.message.bytes", "4000")]);
+    create_publication(&mut pg, &name, &[&table], &format!(", topic => '{prefix}.{{table}}'"));
+    pg.batch_execute(&format!(
+        "BEGIN;
+         INSERT INTO {table} SELECT i, 'small' FROM generate_series(1, 20) i;
+         INSERT INTO {table} VALUES (21, '{}');
+         INSERT INTO {table} SELECT i, 'small' FROM generate_series(22, 40) i;
+         COMMIT;
+         INSERT INTO {table} VALUES (41, 'after');",
+        noise(8000)
+    ))
+    .unwrap();
+    let expected: BTreeMap<i64, usize> = (1..=41).filter(|id| *id != 21).map(|id| (id, 1)).collect();
+    assert_eq!(published_ids(&topic, 40), expected, "{}", publication_status(&mut pg, &name));
+    wait_for("the dead letter", TIMEOUT, || dead_letters(&mut pg, &name).len() == 1);
+    let (_, seq, _, size, error) = dead_letters(&mut pg, &name).remove(0);
+    assert_eq!(seq, 20, "the 21st change of its transaction");
+    assert!(size > 8000 && error.contains("refused"), "{size} bytes: {error}");
+    drop_publication(&mut pg, &name);
+}
