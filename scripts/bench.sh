@@ -13,6 +13,7 @@ esac
 bash scripts/setup.sh
 bash scripts/install.sh
 bash scripts/cluster.sh restart   # picks up a newly installed library
+update_extension
 # A broker of its own, empty: the local broker rewrites its whole store after every change,
 # and a store full of test data would compete with the measured work for the CPU.
 export PGKB_LOCAL_BROKER=127.0.0.1:19093 KAFKA_BROKERS=127.0.0.1:19093 PGKB_BROKER_DIR="$PGKB_STATE/bench-broker"

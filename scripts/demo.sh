@@ -17,6 +17,7 @@ tool=target/e2e/pgkb-kafka
 say "starting the broker ($KAFKA_BROKERS) and PostgreSQL ($PGHOST:$PGPORT)"
 bash scripts/broker.sh start
 bash scripts/cluster.sh restart   # picks up a newly installed library
+update_extension
 
 topic="demo_orders_$(date +%s)"
 messages="${DEMO_MESSAGES:-20000}"

@@ -49,3 +49,13 @@ noida_bin() {
 }
 
 as_pg_user() { runuser -u "$PGKB_OS_USER" -- "$@"; }
+
+# Brings the extension's SQL objects, if the cluster has them from an earlier release, to
+# the installed build's version (the new library runs no worker until then).
+update_extension() {
+  psql -q -v ON_ERROR_STOP=1 -c "SET client_min_messages = warning" -c "DO \$\$ BEGIN
+      IF EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_kafka_bridge') THEN
+        ALTER EXTENSION pg_kafka_bridge UPDATE;
+      END IF;
+    END \$\$"
+}

@@ -4,15 +4,21 @@
 -- are kept as they are: a publication keeps the slot 0.1.0 named pg_kafka_bridge_<name>
 -- (new publications get pg_kafka_bridge_<database oid>_<name>), and with it its position.
 -- The new library runs no worker in a database whose extension is still at 0.1.0.
+--
+-- Each step also accepts the objects of the development builds between release 0.1.0 and
+-- 0.2.0, which were labelled 0.1.0 and already had some of these changes.
 \echo Use "ALTER EXTENSION pg_kafka_bridge UPDATE TO '0.2.0'" to load this file. \quit
 
 -- Offsets belong to a subscription by id, no longer by its reusable name.
-ALTER TABLE kafka.offsets ADD COLUMN subscription_id integer;
+ALTER TABLE kafka.offsets ADD COLUMN IF NOT EXISTS subscription_id integer;
 UPDATE kafka.offsets o SET subscription_id = s.id
-  FROM kafka.subscription_catalog s WHERE s.name = o.subscription;
+  FROM kafka.subscription_catalog s WHERE s.name = o.subscription AND o.subscription_id IS NULL;
 -- Dropped in a statement of their own, so that the new constraints get the names a fresh
 -- install gives them.
-ALTER TABLE kafka.offsets DROP CONSTRAINT offsets_subscription_fkey, DROP CONSTRAINT offsets_pkey;
+ALTER TABLE kafka.offsets
+    DROP CONSTRAINT IF EXISTS offsets_subscription_fkey,
+    DROP CONSTRAINT IF EXISTS offsets_subscription_id_fkey,
+    DROP CONSTRAINT IF EXISTS offsets_pkey;
 ALTER TABLE kafka.offsets
     ALTER COLUMN subscription_id SET NOT NULL,
     ADD PRIMARY KEY (subscription_id, topic, partition),
@@ -20,18 +26,19 @@ ALTER TABLE kafka.offsets
 
 -- Dead letters too. Those of subscriptions dropped before the update get id 0, which no
 -- subscription has: only superusers see them, as 0.2.0 does for a dropped subscription's.
-ALTER TABLE kafka.dead_letters ADD COLUMN subscription_id integer;
+ALTER TABLE kafka.dead_letters ADD COLUMN IF NOT EXISTS subscription_id integer;
 UPDATE kafka.dead_letters d SET subscription_id = coalesce(
-    (SELECT s.id FROM kafka.subscription_catalog s WHERE s.name = d.subscription), 0);
+    (SELECT s.id FROM kafka.subscription_catalog s WHERE s.name = d.subscription), 0)
+ WHERE d.subscription_id IS NULL;
 ALTER TABLE kafka.dead_letters ALTER COLUMN subscription_id SET NOT NULL;
-DROP INDEX kafka.dead_letters_position;
+DROP INDEX IF EXISTS kafka.dead_letters_position;
 CREATE INDEX dead_letters_position ON kafka.dead_letters (subscription_id, topic, partition, "offset");
 
-DROP POLICY owner_reads ON kafka.dead_letters;
+DROP POLICY IF EXISTS owner_reads ON kafka.dead_letters;
 CREATE POLICY owner_reads ON kafka.dead_letters
     USING (EXISTS (SELECT 1 FROM kafka.subscription_catalog s
                     WHERE s.id = dead_letters.subscription_id AND pg_catalog.pg_has_role(s.owner, 'USAGE')));
-DROP POLICY owner_reads ON kafka.offsets;
+DROP POLICY IF EXISTS owner_reads ON kafka.offsets;
 CREATE POLICY owner_reads ON kafka.offsets FOR SELECT
     USING (EXISTS (SELECT 1 FROM kafka.subscription_catalog s
                     WHERE s.id = offsets.subscription_id AND pg_catalog.pg_has_role(s.owner, 'USAGE')));
@@ -53,7 +60,7 @@ ALTER FUNCTION kafka.stop_subscription(text) SET search_path = pg_catalog, pg_te
 ALTER FUNCTION kafka.options_as_seen(oid, jsonb) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION kafka.state_as_seen(boolean, text) SET search_path = pg_catalog, pg_temp;
 
-CREATE FUNCTION kafka.replication_slot_details() RETURNS TABLE (
+CREATE OR REPLACE FUNCTION kafka.replication_slot_details() RETURNS TABLE (
     slot_name text,
     failover boolean,
     inactive_since timestamp with time zone,

@@ -80,8 +80,11 @@ pub(crate) struct Publisher {
     pending_dead_letters: Vec<PublicationDeadLetter>,
     /// Positions beyond the committed progress that are recorded as dead letters already.
     recorded_dead_letters: HashSet<Position>,
-    /// Deliveries the broker refused in this session, filled by the delivery callback.
-    refused: Arc<parking_lot::Mutex<Vec<(Position, String)>>>,
+    /// Deliveries the broker refused, by tag, filled by the delivery callback.
+    refused: Arc<parking_lot::Mutex<Vec<(usize, String)>>>,
+    /// The positions of the events sent in the open Kafka transaction: an event's tag is
+    /// its index here.
+    sent: Vec<Position>,
     /// What earlier sessions learnt of refused deliveries.
     refusals: HashMap<Position, Refusal>,
     /// The event being sent alone, to learn whether the broker refuses it.
@@ -100,14 +103,14 @@ pub(crate) struct Refusal {
 }
 
 /// The producer's callbacks: librdkafka's errors for the status view, and the deliveries
-/// the broker refused for good, by the position of their event.
+/// the broker refused for good, by the tag of their event.
 pub(crate) struct PublisherContext {
     errors: ErrorMailbox,
-    refused: Arc<parking_lot::Mutex<Vec<(Position, String)>>>,
+    refused: Arc<parking_lot::Mutex<Vec<(usize, String)>>>,
 }
 
-/// The position given to records that are not events (progress records).
-const NOT_AN_EVENT: Position = Position { commit_lsn: 0, seq: -1 };
+/// The tag given to records that are not events (progress records).
+const NOT_AN_EVENT: usize = usize::MAX;
 
 impl ClientContext for PublisherContext {
     fn log(&self, _level: RDKafkaLogLevel, _facility: &str, _message: &str) {}
@@ -118,13 +121,13 @@ impl ClientContext for PublisherContext {
 }
 
 impl ProducerContext for PublisherContext {
-    type DeliveryOpaque = Box<Position>;
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, position: Box<Position>) {
+    fn delivery(&self, result: &DeliveryResult<'_>, tag: usize) {
         if let Err((error, message)) = result {
             self.errors.put(format!("delivery to topic \"{}\" failed: {error}", message.topic()));
-            if *position != NOT_AN_EVENT && refused_for_good(error) {
-                self.refused.lock().push((*position, format!("the broker refused it: {error}")));
+            if tag != NOT_AN_EVENT && refused_for_good(error) {
+                self.refused.lock().push((tag, format!("the broker refused it: {error}")));
             }
         }
     }
@@ -221,6 +224,7 @@ impl Publisher {
             pending_dead_letters: Vec::new(),
             recorded_dead_letters,
             refused,
+            sent: Vec::new(),
             refusals,
             isolating: None,
         })
@@ -232,6 +236,7 @@ impl Publisher {
         let refused = std::mem::take(&mut *self.refused.lock());
         refused
             .into_iter()
+            .filter_map(|(tag, reason)| self.sent.get(tag).map(|position| (*position, reason)))
             .map(|(position, reason)| (position, Refusal { reason, isolated: isolating == Some(position) }))
             .collect()
     }
@@ -285,7 +290,7 @@ impl Publisher {
             timeline: Some(history::flushed_wal().1),
         };
         let value = serde_json::to_vec(&record).unwrap_or_default();
-        let progress = BaseRecord::with_opaque_to(&self.progress_topic, Box::new(NOT_AN_EVENT))
+        let progress = BaseRecord::with_opaque_to(&self.progress_topic, NOT_AN_EVENT)
             .partition(0)
             .key(&self.transactional_id)
             .payload(&value);
@@ -310,7 +315,7 @@ impl Publisher {
         Ok(())
     }
 
-    fn send<K, P>(&self, mut record: BaseRecord<'_, K, P, Box<Position>>) -> Result<()>
+    fn send<K, P>(&self, mut record: BaseRecord<'_, K, P, usize>) -> Result<()>
     where
         K: ToBytes + ?Sized,
         P: ToBytes + ?Sized,
@@ -347,6 +352,8 @@ impl Publisher {
     fn begin_if_needed(&mut self, position: Position) -> Result<&mut OpenTransaction> {
         if self.open.is_none() {
             self.producer.begin_transaction()?;
+            // Every delivery of the previous transaction has been reported: it committed.
+            self.sent.clear();
             self.open =
                 Some(OpenTransaction { opened_at: Instant::now(), events: 0, last: position, last_commit_time: 0 });
             self.confirm.kafka_transaction_opened();
@@ -414,11 +421,11 @@ impl Sink for Publisher {
         if self.committed.is_some_and(|c| position <= c) {
             return Ok(());
         }
-        if self.recorded_dead_letters.contains(&position) {
+        if !self.recorded_dead_letters.is_empty() && self.recorded_dead_letters.contains(&position) {
             self.cover(position, txn)?;
             return self.commit_if_due();
         }
-        let known = self.refusals.get(&position).cloned();
+        let known = if self.refusals.is_empty() { None } else { self.refusals.get(&position).cloned() };
         if let Some(reason) =
             kafka::topic_name_problem(topic).or(known.as_ref().filter(|r| r.isolated).map(|r| r.reason.clone()))
         {
@@ -431,8 +438,7 @@ impl Sink for Publisher {
             self.flush()?;
             self.isolating = Some(position);
         }
-        let mut record: BaseRecord<'_, [u8], [u8], Box<Position>> =
-            BaseRecord::with_opaque_to(topic, Box::new(position));
+        let mut record: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(topic, self.sent.len());
         if let Some(k) = key {
             record = record.key(k);
         }
@@ -442,6 +448,7 @@ impl Sink for Publisher {
         match self.send(record) {
             Ok(()) => {
                 self.events_total += 1;
+                self.sent.push(position);
                 let open = self.open.as_mut().expect("opened above");
                 open.events += 1;
                 open.last = position;
