@@ -146,6 +146,7 @@ impl Launcher {
             }
         };
 
+        self.exits_in_a_row.retain(|key, _| wanted.contains(key));
         // A worker that exited before it attached (or was killed) has not marked its slot.
         self.handles.retain(|id, handle| {
             let gone =
