@@ -296,11 +296,16 @@ pub(crate) fn request_reload(kind: WorkerKind, object_id: i32) {
     }
 }
 
-/// Whether a worker process of `kind` serving `object_id` in the current database runs.
-pub(crate) fn has_live_workers(kind: WorkerKind, object_id: i32) -> bool {
+/// Copies of the slots of the current database's workers of one kind.
+pub(crate) fn slots_of(kind: WorkerKind) -> impl Iterator<Item = WorkerSlot> {
     // SAFETY: a plain Oid set once when this backend connected; read on its main thread.
     let database = unsafe { pg_sys::MyDatabaseId };
-    snapshot().iter().any(|(_, s)| s.kind == kind && s.object_id == object_id && s.database == database && s.pid > 0)
+    snapshot().into_iter().map(|(_, s)| s).filter(move |s| s.database == database && s.kind == kind)
+}
+
+/// Whether a worker process of `kind` serving `object_id` in the current database runs.
+pub(crate) fn has_live_workers(kind: WorkerKind, object_id: i32) -> bool {
+    slots_of(kind).any(|s| s.object_id == object_id && s.pid > 0)
 }
 
 /// Whether a new session was asked for since the last call.

@@ -12,13 +12,6 @@ fn timestamp(t: pg_sys::TimestampTz) -> Option<TimestampWithTimeZone> {
     (t != 0).then(|| TimestampWithTimeZone::try_from(t).ok()).flatten()
 }
 
-/// Slots of the current database's workers of one kind.
-fn slots_of(kind: WorkerKind) -> impl Iterator<Item = WorkerSlot> {
-    // SAFETY: a plain Oid set once when this backend connected; read on its main thread.
-    let database = unsafe { pg_sys::MyDatabaseId };
-    shmem::snapshot().into_iter().map(|(_, s)| s).filter(move |s| s.database == database && s.kind == kind)
-}
-
 /// The worker's last error if the current user has the privileges of the object's owner:
 /// errors can carry broker and table details.
 fn visible_error(slot: &WorkerSlot) -> Option<String> {
@@ -56,7 +49,7 @@ fn publication_worker_status() -> TableIterator<
         name!(started_at, Option<TimestampWithTimeZone>),
     ),
 > {
-    let rows: Vec<_> = slots_of(WorkerKind::Publication)
+    let rows: Vec<_> = shmem::slots_of(WorkerKind::Publication)
         .map(|slot| {
             let published = slot.published_seq >= 0;
             (
@@ -99,7 +92,7 @@ fn subscription_worker_status() -> TableIterator<
     ),
 > {
     let mut rows = Vec::new();
-    for slot in slots_of(WorkerKind::Subscription) {
+    for slot in shmem::slots_of(WorkerKind::Subscription) {
         let common =
             (slot.object_id, slot.worker_index, (slot.pid > 0).then_some(slot.pid), slot.state.as_str().to_string());
         let error = visible_error(&slot);

@@ -164,7 +164,7 @@ pub(crate) fn record_dead_letters(publication: &Publication, letters: &[Publicat
             client.update(
                 "INSERT INTO kafka.publication_dead_letters \
                    (publication_id, publication, lsn, seq, topic, key, value, error) \
-                 VALUES ($1, $2, '0/0'::pg_catalog.pg_lsn + $3::pg_catalog.numeric, $4, $5, $6, $7, $8) \
+                 VALUES ($1, $2, '0/0'::pg_catalog.pg_lsn OPERATOR(pg_catalog.+) $3::pg_catalog.numeric, $4, $5, $6, $7, $8) \
                  ON CONFLICT (publication_id, lsn, seq) DO NOTHING",
                 None,
                 &[

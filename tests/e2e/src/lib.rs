@@ -524,6 +524,16 @@ pub fn consume_events(topic: &str, expected_at_least: usize, timeout: Duration) 
     messages.iter().map(|m| Event { key: parse(&m.2), value: parse(&m.3), raw_value: m.3.clone() }).collect()
 }
 
+/// How often each row id (`after.id` of the change events) was published to a
+/// single-partition topic, read back by kcat ([`read_events_with_kcat`]).
+pub fn published_ids(topic: &str, expected: usize, timeout: Duration) -> std::collections::BTreeMap<i64, usize> {
+    let mut ids = std::collections::BTreeMap::new();
+    for event in read_events_with_kcat(topic, expected, timeout) {
+        *ids.entry(event.after()["id"].as_i64().unwrap()).or_insert(0) += 1;
+    }
+    ids
+}
+
 /// Every committed message of a single-partition topic, in order, read by `kcat` (Debian's
 /// build of an older librdkafka): an independent read_committed consumer. The local broker
 /// lists aborted transactions in a way that makes librdkafka 2.12's consumer stop short on a

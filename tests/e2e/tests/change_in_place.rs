@@ -30,6 +30,11 @@ fn once_each(ids: std::ops::Range<i64>) -> BTreeMap<i64, i64> {
     ids.map(|id| (id, 1)).collect()
 }
 
+/// How often each row id was published to `topic`, as counts comparable with [`once_each`].
+fn ids_published(topic: &str, expected: usize) -> BTreeMap<i64, i64> {
+    published_ids(topic, expected, TIMEOUT).into_iter().map(|(id, n)| (id, n as i64)).collect()
+}
+
 /// The other spelling of the local broker's address: a broker address change that still
 /// reaches the same broker.
 fn other_address() -> String {
@@ -192,15 +197,8 @@ fn alter_publication_adds_and_drops_tables_and_changes_brokers_and_options_while
     pg.batch_execute(&format!("INSERT INTO {first} SELECT generate_series(5000, 5099)")).unwrap();
     pg.batch_execute(&format!("INSERT INTO {second} SELECT generate_series(500, 599)")).unwrap();
 
-    let count_ids = |topic: &str, expected: usize| {
-        let mut ids: BTreeMap<i64, i64> = BTreeMap::new();
-        for event in read_events_with_kcat(topic, expected, TIMEOUT) {
-            *ids.entry(event.after()["id"].as_i64().unwrap()).or_insert(0) += 1;
-        }
-        ids
-    };
-    assert_eq!(count_ids(&second_topic, 600), once_each(0..600), "{}", publication_status(&mut pg, &name));
-    assert_eq!(count_ids(&first_topic, 2000), once_each(0..2000));
+    assert_eq!(ids_published(&second_topic, 600), once_each(0..600), "{}", publication_status(&mut pg, &name));
+    assert_eq!(ids_published(&first_topic, 2000), once_each(0..2000));
     assert_eq!(slot_of(&mut pg, &name), slot, "the slot stays");
     let (brokers, linger, tables): (String, String, String) = {
         let row = pg

@@ -16,16 +16,6 @@ fn noise(n: usize) -> String {
     (0..n).map(|_| char::from(b'a' + rng.below(26) as u8)).collect()
 }
 
-/// How often each id was published to `topic`, read with read_committed isolation (by kcat:
-/// topics here hold aborted transactions).
-fn published_ids(topic: &str, expected: usize) -> BTreeMap<i64, usize> {
-    let mut ids = BTreeMap::new();
-    for event in read_events_with_kcat(topic, expected, TIMEOUT) {
-        *ids.entry(event.after()["id"].as_i64().unwrap()).or_insert(0) += 1;
-    }
-    ids
-}
-
 fn dead_letters(pg: &mut postgres::Client, name: &str) -> Vec<(String, i64, String, usize, String)> {
     pg.query(
         "SELECT lsn::text, seq, topic, length(value), error FROM kafka.publication_dead_letters \
@@ -62,7 +52,7 @@ fn an_event_too_large_or_for_an_invalid_topic_is_a_dead_letter_and_the_rest_flow
     ))
     .unwrap();
 
-    let ids = published_ids(&topic, 4);
+    let ids = published_ids(&topic, 4, TIMEOUT);
     assert_eq!(ids, BTreeMap::from([(1, 1), (3, 1), (4, 1), (6, 1)]), "{}", publication_status(&mut pg, &name));
     wait_for("two dead letters", TIMEOUT, || dead_letters(&mut pg, &name).len() == 2);
     let letters = dead_letters(&mut pg, &name);
@@ -121,7 +111,7 @@ fn a_dead_letter_inside_a_large_transaction_survives_kill_minus_nine_exactly_onc
         std::thread::sleep(Duration::from_millis(20));
     };
     pg = pg_after_restart();
-    let seen = published_ids(&topic, ROWS as usize);
+    let seen = published_ids(&topic, ROWS as usize, TIMEOUT);
     assert_eq!(seen.len(), ROWS as usize, "killed after {killed_at} events; {}", publication_status(&mut pg, &name));
     assert!(seen.values().all(|&n| n == 1), "some rows were published twice");
     assert!(!seen.contains_key(&(ROWS + 1)));
@@ -253,7 +243,12 @@ fn a_replay_longer_than_the_kafka_transaction_timeout_commits_inside_it() {
     ))
     .unwrap();
     let started = Instant::now();
-    assert_eq!(published_ids(&topic, 2), BTreeMap::from([(1, 1), (2, 1)]), "{}", publication_status(&mut pg, &name));
+    assert_eq!(
+        published_ids(&topic, 2, TIMEOUT),
+        BTreeMap::from([(1, 1), (2, 1)]),
+        "{}",
+        publication_status(&mut pg, &name)
+    );
     let replay = started.elapsed();
     let progress: Vec<(u64, i64)> =
         read_events_with_kcat(&format!("pg_kafka_bridge.progress.{name}"), 2, Duration::from_secs(10))
@@ -317,7 +312,7 @@ fn a_progress_record_ahead_of_the_wal_stops_the_publication_with_a_clear_error()
     create_publication(&mut pg, &name, &[&table], &format!(", topic => '{prefix}.{{table}}'"));
     let topic = format!("{prefix}.{table}");
     pg.batch_execute(&format!("INSERT INTO {table} VALUES (1)")).unwrap();
-    assert_eq!(published_ids(&topic, 1).len(), 1);
+    assert_eq!(published_ids(&topic, 1, TIMEOUT).len(), 1);
     stop_publication(&mut pg, &name);
 
     // What a later server wrote: the key is the publication's transactional id.
@@ -376,7 +371,7 @@ fn an_event_the_broker_refuses_is_found_alone_and_is_a_dead_letter() {
     ))
     .unwrap();
     let expected: BTreeMap<i64, usize> = (1..=41).filter(|id| *id != 21).map(|id| (id, 1)).collect();
-    assert_eq!(published_ids(&topic, 40), expected, "{}", publication_status(&mut pg, &name));
+    assert_eq!(published_ids(&topic, 40, TIMEOUT), expected, "{}", publication_status(&mut pg, &name));
     wait_for("the dead letter", TIMEOUT, || dead_letters(&mut pg, &name).len() == 1);
     let (_, seq, _, size, error) = dead_letters(&mut pg, &name).remove(0);
     assert_eq!(seq, 20, "the 21st change of its transaction");
