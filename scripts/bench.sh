@@ -3,12 +3,13 @@
 #   bench.sh [subscription] [MESSAGES]   a subscription vs COPY FROM STDIN, plus worker memory
 #   bench.sh publication [CHANGES]       a publication vs pg_recvlogical on the same WAL
 #   bench.sh transaction [ROWS]          a publication publishing one transaction of ROWS rows
+#   bench.sh snapshot [ROWS]             a publication's snapshot of ROWS rows vs streaming them
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 what=subscription
 case "${1:-}" in
-  subscription|publication|transaction) what=$1; shift ;;
+  subscription|publication|transaction|snapshot) what=$1; shift ;;
 esac
 bash scripts/setup.sh
 bash scripts/install.sh
@@ -23,6 +24,8 @@ bash scripts/broker.sh start
 trap 'bash scripts/broker.sh stop' EXIT
 if [ "$what" = publication ]; then
   cargo run --quiet --profile e2e -p pg_kafka_bridge_e2e --bin pgkb-bench-publication -- "${1:-1000000}"
+elif [ "$what" = snapshot ]; then
+  cargo run --quiet --profile e2e -p pg_kafka_bridge_e2e --bin pgkb-bench-publication -- --snapshot "${1:-1000000}"
 elif [ "$what" = transaction ]; then
   cargo run --quiet --profile e2e -p pg_kafka_bridge_e2e --bin pgkb-bench-publication -- --one-transaction "${1:-1000000}"
 else

@@ -21,7 +21,7 @@ majors="${PGKB_PG_MAJORS:-15 16 18}"
 # End-to-end tests that run on the versions after the first: both directions, the crash
 # tests, the round trip and the attacks. (Broker failures and memory limits do not depend
 # on the PostgreSQL version.)
-other_versions_e2e="${PGKB_E2E_OTHER_VERSIONS:-change_in_place publication_basics publication_crash publication_never_stalls round_trip security subscription_bad_input subscription_basics subscription_crash subscription_upsert}"
+other_versions_e2e="${PGKB_E2E_OTHER_VERSIONS:-change_in_place publication_basics publication_crash publication_never_stalls round_trip security snapshot subscription_bad_input subscription_basics subscription_crash subscription_upsert}"
 
 bash scripts/setup.sh
 

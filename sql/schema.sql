@@ -74,7 +74,26 @@ CREATE TABLE publication_catalog (
     -- What an event Kafka can never take does: 'dead_letter' (recorded in
     -- publication_dead_letters; the publication moves on) or 'stop' (the worker stops
     -- with the error and retries).
-    on_event_error text NOT NULL DEFAULT 'dead_letter' CHECK (on_event_error IN ('dead_letter', 'stop'))
+    on_event_error text NOT NULL DEFAULT 'dead_letter' CHECK (on_event_error IN ('dead_letter', 'stop')),
+    -- Whether the rows a table holds when it is added are published ('initial') or not
+    -- ('none'); publications of releases before 0.4 have 'none'.
+    snapshot      text NOT NULL CHECK (snapshot IN ('initial', 'none'))
+);
+
+-- Snapshots: per table of a publication, its latest run (requested by create_publication,
+-- alter_publication or kafka.snapshot), which the worker takes one at a time. Where a
+-- running snapshot stands for exactly-once purposes is in the publication's progress
+-- records in Kafka; rows here is what it had published at its last chunk.
+CREATE TABLE snapshot_catalog (
+    publication_id integer NOT NULL REFERENCES publication_catalog (id) ON DELETE CASCADE,
+    table_oid      oid NOT NULL,
+    run            integer NOT NULL,
+    state          text NOT NULL CHECK (state IN ('pending', 'running', 'done')),
+    rows           bigint NOT NULL DEFAULT 0,
+    requested_at   timestamptz NOT NULL DEFAULT now(),
+    started_at     timestamptz,
+    finished_at    timestamptz,
+    PRIMARY KEY (publication_id, table_oid)
 );
 
 -- Events a publication could never publish (too large, a topic name Kafka refuses), with
@@ -95,4 +114,5 @@ CREATE TABLE publication_dead_letters (
     UNIQUE (publication_id, lsn, seq)
 );
 
-REVOKE ALL ON subscription_catalog, offsets, dead_letters, publication_catalog, publication_dead_letters FROM PUBLIC;
+REVOKE ALL ON subscription_catalog, offsets, dead_letters, publication_catalog, publication_dead_letters,
+    snapshot_catalog FROM PUBLIC;

@@ -52,8 +52,28 @@ CREATE VIEW publications AS
 SELECT p.name, p.owner::regrole AS owner, p.brokers, p.tables::regclass[] AS tables, p.topic,
        p.progress_topic, p.slot_name,
        options_as_seen(p.owner, p.options) AS options,
-       p.enabled, p.created_at, p.on_event_error
+       p.enabled, p.created_at, p.on_event_error, p.snapshot
   FROM publication_catalog p;
+
+-- Each table's latest snapshot run: pending, running or done, the rows it published and
+-- its average rate.
+CREATE VIEW publication_snapshots AS
+SELECT p.name AS publication,
+       s.table_oid::regclass AS "table",
+       s.run,
+       s.state,
+       s.rows,
+       CASE WHEN s.started_at IS NOT NULL THEN
+           pg_catalog.round(s.rows / GREATEST(
+               extract(epoch FROM coalesce(s.finished_at, pg_catalog.now()) OPERATOR(pg_catalog.-) s.started_at),
+               0.001))::bigint
+       END AS rows_per_second,
+       s.requested_at,
+       s.started_at,
+       s.finished_at
+  FROM snapshot_catalog s
+  JOIN publication_catalog p ON p.id = s.publication_id
+ ORDER BY p.name, s.requested_at, s.table_oid;
 
 -- Positions are LSNs; published_lsn/published_seq is the position of the last event
 -- committed to Kafka. retained_wal_bytes is what the slot keeps from being recycled;
@@ -115,7 +135,7 @@ CREATE POLICY owner_reads ON offsets FOR SELECT
                     WHERE s.id = offsets.subscription_id AND pg_catalog.pg_has_role(s.owner, 'USAGE')));
 
 GRANT SELECT (id, name, owner, brokers, tables, topic, progress_topic, slot_name, enabled, created_at,
-              on_event_error)
+              on_event_error, snapshot)
     ON publication_catalog TO PUBLIC;
 ALTER TABLE publication_dead_letters ENABLE ROW LEVEL SECURITY;
 CREATE POLICY owner_reads ON publication_dead_letters
@@ -123,7 +143,8 @@ CREATE POLICY owner_reads ON publication_dead_letters
                     WHERE p.id = publication_dead_letters.publication_id AND pg_catalog.pg_has_role(p.owner, 'USAGE')));
 
 GRANT USAGE ON SCHEMA kafka TO PUBLIC;
-GRANT SELECT ON subscriptions, subscription_status, publications, publication_status TO PUBLIC;
+GRANT SELECT ON subscriptions, subscription_status, publications, publication_status, publication_snapshots
+    TO PUBLIC;
 GRANT SELECT ON offsets TO PUBLIC;
 GRANT SELECT, DELETE ON dead_letters, publication_dead_letters TO PUBLIC;
 
@@ -134,7 +155,8 @@ REVOKE EXECUTE ON FUNCTION
     drop_subscription(text),
     alter_subscription(text, text, jsonb, regclass, integer, integer, integer),
     seek(text, text, integer),
-    create_publication(text, text, oid[], text, jsonb, text, text),
+    create_publication(text, text, oid[], text, jsonb, text, text, text),
+    snapshot(text, oid[]),
     alter_publication(text, text, jsonb, oid[], oid[]),
     start_publication(text),
     stop_publication(text),

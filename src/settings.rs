@@ -13,6 +13,7 @@ static CONSUMER_QUEUE_KBYTES: GucSetting<i32> = GucSetting::<i32>::new(16_384);
 static PUBLISH_CONSUMER_OFFSETS: GucSetting<bool> = GucSetting::<bool>::new(false);
 static SUBSCRIPTION_SYNCHRONOUS_COMMIT: GucSetting<bool> = GucSetting::<bool>::new(false);
 static FAILOVER_SLOTS: GucSetting<bool> = GucSetting::<bool>::new(false);
+static SNAPSHOT_CHUNK_ROWS: GucSetting<i32> = GucSetting::<i32>::new(20_000);
 
 pub(crate) fn define() {
     GucRegistry::define_string_guc(
@@ -89,6 +90,20 @@ pub(crate) fn define() {
         GucContext::Sighup,
         GucFlags::UNIT_KB,
     );
+    GucRegistry::define_int_guc(
+        c"pg_kafka_bridge.snapshot_chunk_rows",
+        c"Most rows a publication's snapshot reads in one chunk (one short transaction).",
+        c"Chunks of wide rows stop earlier, at 16 MB of events.",
+        &SNAPSHOT_CHUNK_ROWS,
+        100,
+        1_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+}
+
+pub(crate) fn snapshot_chunk_rows() -> usize {
+    SNAPSHOT_CHUNK_ROWS.get() as usize
 }
 
 pub(crate) fn publish_consumer_offsets() -> bool {

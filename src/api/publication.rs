@@ -1,8 +1,9 @@
 //! Publications: create (with their replication slot), start, stop, drop (with their slot),
 //! and `kafka.send()`.
 
-use crate::catalog::publication::{OnEventError, Publication};
+use crate::catalog::publication::{OnEventError, Publication, SnapshotMode};
 use crate::catalog::query_optional;
+use crate::catalog::snapshot;
 use crate::error::{BridgeError, OrRaise, Result};
 use crate::kafka::Options;
 use crate::launcher;
@@ -15,6 +16,7 @@ use pgrx::prelude::*;
 use pgrx::search_path;
 use pgrx::{JsonB, PgRelation};
 
+#[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn create_publication(
@@ -25,6 +27,7 @@ fn create_publication(
     options: default!(JsonB, "'{}'"),
     progress_topic: default!(Option<&str>, "NULL"),
     on_event_error: default!(&str, "'dead_letter'"),
+    snapshot: default!(&str, "'initial'"),
 ) {
     // SAFETY: GetUserId reads the current user, set in every backend once it is connected.
     let caller = unsafe { pg_sys::GetUserId() };
@@ -58,6 +61,11 @@ fn create_publication(
                 ))
             })
             .or_raise(),
+        snapshot: SnapshotMode::parse(snapshot)
+            .ok_or_else(|| {
+                BridgeError::InvalidParameter(format!("invalid snapshot \"{snapshot}\": use {}", SnapshotMode::NAMES))
+            })
+            .or_raise(),
     };
     validate(&publication).or_raise();
     as_catalog_owner(|| {
@@ -68,7 +76,11 @@ fn create_publication(
         // The slot comes first: PostgreSQL creates slots only in transactions that have not
         // written anything yet.
         slots::create(&publication.slot_name)?;
-        publication.insert()
+        let id = publication.insert()?;
+        if publication.snapshot == SnapshotMode::Initial {
+            snapshot::request(id, &publication.tables)?;
+        }
+        Ok(())
     })
     .or_raise();
     launcher::wake_at_commit();
@@ -117,12 +129,9 @@ fn check_publishable(table: &PgRelation, template: &str, caller: pg_sys::Oid) ->
         let rel = &*table.rd_rel;
         (rel.relkind as u8, rel.relpersistence as u8, rel.relreplident as u8)
     };
-    match relkind {
-        pg_sys::RELKIND_RELATION => {}
-        pg_sys::RELKIND_PARTITIONED_TABLE => {
-            return invalid(format!("{quoted} is a partitioned table: publish its partitions instead"))
-        }
-        _ => return invalid(format!("{quoted} is not a table")),
+    // A partitioned table's partitions (those attached later too) are published as it.
+    if relkind != pg_sys::RELKIND_RELATION && relkind != pg_sys::RELKIND_PARTITIONED_TABLE {
+        return invalid(format!("{quoted} is not a table"));
     }
     if table.namespace() == "pg_catalog" || table.namespace() == "information_schema" {
         return invalid(format!("{quoted} is a system catalog"));
@@ -153,7 +162,8 @@ fn check_publishable(table: &PgRelation, template: &str, caller: pg_sys::Oid) ->
 /// whole object. The slot stays, and with it the position: once the transaction commits,
 /// the worker starts a new session with the new definition, from its last published
 /// position. The table list applies from there: an added table's changes after it are
-/// published, a dropped table's are not.
+/// published, a dropped table's are not. An added table's rows are snapshotted if the
+/// publication's snapshot mode is 'initial'.
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn alter_publication(
@@ -185,8 +195,44 @@ fn alter_publication(
         }
         validate(&altered)?;
         altered.update_settings()?;
+        let added: Vec<pg_sys::Oid> = altered.tables.iter().filter(|t| !current.tables.contains(t)).copied().collect();
+        let dropped: Vec<pg_sys::Oid> =
+            current.tables.iter().filter(|t| !altered.tables.contains(t)).copied().collect();
+        snapshot::forget(altered.id, &dropped)?;
+        if altered.snapshot == SnapshotMode::Initial {
+            snapshot::request(altered.id, &added)?;
+        }
         launcher::reload_at_commit(WorkerKind::Publication, altered.id);
         Ok(())
+    })
+    .or_raise();
+}
+
+/// Publishes the current rows of `tables` (all the publication's tables if NULL) again,
+/// while the publication keeps streaming: each table's snapshot starts a new run, taken
+/// after the runs requested before it.
+#[pg_extern(name = "snapshot", volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn request_snapshot(publication: &str, tables: default!(Option<Vec<pg_sys::Oid>>, "NULL")) {
+    change_publication(publication, |p| {
+        let tables = match tables {
+            None => p.tables.clone(),
+            Some(tables) => {
+                for table in &tables {
+                    if !p.tables.contains(table) {
+                        let name =
+                            crate::catalog::qualified_table_name(*table).unwrap_or_else(|| format!("OID {table}"));
+                        return Err(BridgeError::InvalidParameter(format!(
+                            "{name} is not published by \"{publication}\""
+                        )));
+                    }
+                }
+                tables
+            }
+        };
+        let existing: Vec<pg_sys::Oid> =
+            tables.into_iter().filter(|t| crate::catalog::qualified_table_name(*t).is_some()).collect();
+        snapshot::request(p.id, &existing)
     })
     .or_raise();
 }

@@ -3,6 +3,7 @@
 //! and dead letters are here; publications in [`publication`].
 
 pub(crate) mod publication;
+pub(crate) mod snapshot;
 
 use crate::error::{BridgeError, Result};
 use crate::format::{Format, Message, Mode, StartFrom};
@@ -161,7 +162,7 @@ fn delete_from(table: &str, id: i32) -> Result<()> {
 }
 
 /// A column of a catalog row that must not be null.
-fn req<T: FromDatum + IntoDatum>(row: &SpiHeapTupleData, i: usize) -> Result<T> {
+pub(crate) fn req<T: FromDatum + IntoDatum>(row: &SpiHeapTupleData, i: usize) -> Result<T> {
     row.get::<T>(i)?.ok_or_else(|| BridgeError::Postgres {
         sqlstate: PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
         message: format!("catalog column {i} is null"),

@@ -23,6 +23,31 @@ pub(crate) struct Publication {
     pub(crate) options: serde_json::Value,
     pub(crate) enabled: bool,
     pub(crate) on_event_error: OnEventError,
+    pub(crate) snapshot: SnapshotMode,
+}
+
+/// Which rows a publication publishes besides its tables' changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SnapshotMode {
+    /// The rows its tables hold when they are added to it (at creation or later).
+    Initial,
+    /// None: only the changes committed after a table was added.
+    None,
+}
+
+impl SnapshotMode {
+    pub(crate) const NAMES: &'static str = "'initial' or 'none'";
+
+    pub(crate) fn parse(s: &str) -> Option<SnapshotMode> {
+        [SnapshotMode::Initial, SnapshotMode::None].into_iter().find(|m| m.as_str() == s)
+    }
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            SnapshotMode::Initial => "initial",
+            SnapshotMode::None => "none",
+        }
+    }
 }
 
 /// What an event that Kafka can never take does to its publication.
@@ -52,7 +77,7 @@ impl OnEventError {
 
 const PUBLICATION_COLUMNS: &str =
     "id, name, owner, brokers, tables::bigint[], topic, progress_topic, slot_name::text, \
-     options, enabled, on_event_error";
+     options, enabled, on_event_error, snapshot";
 
 impl Publication {
     fn from_row(row: &SpiHeapTupleData) -> Result<Publication> {
@@ -69,6 +94,7 @@ impl Publication {
             options: req::<JsonB>(row, 9)?.0,
             enabled: req(row, 10)?,
             on_event_error: OnEventError::parse(&req::<String>(row, 11)?).unwrap_or(OnEventError::DeadLetter),
+            snapshot: SnapshotMode::parse(&req::<String>(row, 12)?).unwrap_or(SnapshotMode::None),
         })
     }
 
@@ -106,7 +132,8 @@ impl Publication {
         Spi::connect_mut(|client| {
             let row = client.update(
                 "INSERT INTO kafka.publication_catalog (name, owner, brokers, tables, topic, progress_topic, \
-                 slot_name, options, on_event_error) VALUES ($1, $2, $3, $4::bigint[]::oid[], $5, $6, $7, $8, $9) \
+                 slot_name, options, on_event_error, snapshot) \
+                 VALUES ($1, $2, $3, $4::bigint[]::oid[], $5, $6, $7, $8, $9, $10) \
                  RETURNING id",
                 Some(1),
                 &[
@@ -119,6 +146,7 @@ impl Publication {
                     self.slot_name.as_str().into(),
                     JsonB(self.options.clone()).into(),
                     self.on_event_error.as_str().into(),
+                    self.snapshot.as_str().into(),
                 ],
             )?;
             Ok(row.first().get_one::<i32>()?.unwrap_or_default())

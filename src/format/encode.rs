@@ -34,7 +34,7 @@ pub(crate) struct Message<'a> {
 /// Which content columns a row fills: a bit per data slot.
 type ColumnSet = Vec<u64>;
 
-/// A message that became one line of COPY text.
+/// A message that became one line of COPY text, or a TRUNCATE of the table.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct EncodedRow {
     /// Index of the message in the batch.
@@ -42,6 +42,22 @@ pub(crate) struct EncodedRow {
     column_set: usize,
     start: usize,
     end: usize,
+}
+
+/// The column set of a TRUNCATE change event, which has no line: it empties the table,
+/// in order with the rows around it (a run of its own).
+const TRUNCATE: usize = usize::MAX;
+
+impl EncodedRow {
+    pub(crate) fn is_truncate(&self) -> bool {
+        self.column_set == TRUNCATE
+    }
+}
+
+/// What a message becomes.
+enum Encoded {
+    Line,
+    Truncate,
 }
 
 /// A message that cannot become a row, and why.
@@ -103,10 +119,13 @@ impl EncodedBatch {
     pub(crate) fn push(&mut self, shape: &TargetShape, index: usize, msg: &Message) {
         let line_start = self.buf.len();
         match self.encode(shape, index, msg) {
-            Ok(()) => {
+            Ok(Encoded::Line) => {
                 self.buf.push(b'\n');
                 let column_set = self.intern_scratch_set();
                 self.rows.push(EncodedRow { message: index, column_set, start: line_start, end: self.buf.len() });
+            }
+            Ok(Encoded::Truncate) => {
+                self.rows.push(EncodedRow { message: index, column_set: TRUNCATE, start: line_start, end: line_start })
             }
             Err(error) => {
                 self.buf.truncate(line_start);
@@ -125,7 +144,7 @@ impl EncodedBatch {
         self.column_sets.len() - 1
     }
 
-    fn encode(&mut self, shape: &TargetShape, index: usize, msg: &Message) -> Result<(), String> {
+    fn encode(&mut self, shape: &TargetShape, index: usize, msg: &Message) -> Result<Encoded, String> {
         let mut values: Vec<Option<FieldValue>> = vec![None; shape.data_count];
         let tombstone = match msg.payload {
             None if shape.mode == Mode::Insert => {
@@ -153,6 +172,7 @@ impl EncodedBatch {
                         false
                     }
                     ("c" | "u" | "r", _, _) => return Err("change event has no \"after\" row".into()),
+                    ("t", _, _) => return Ok(Encoded::Truncate),
                     (op, _, _) => return Err(format!("change event has unknown op \"{op}\"")),
                 }
             }
@@ -220,7 +240,7 @@ impl EncodedBatch {
         if shape.mode == Mode::Upsert {
             self.buf.extend_from_slice(format!("\t{index}\t{}", if tombstone { 't' } else { 'f' }).as_bytes());
         }
-        Ok(())
+        Ok(Encoded::Line)
     }
 
     /// Fills the key columns of a tombstone from the message key: a JSON object maps to

@@ -147,7 +147,13 @@ fn change_events_upsert_their_after_row_and_delete_by_key() {
     b.push(&shape, 3, &msg(3, Some(br#"{"id": 2}"#), Some(br#"{"op": "x", "after": {}}"#)));
     b.push(&shape, 4, &msg(4, Some(br#"{"id": 2}"#), Some(br#"{"op": "c", "after": null}"#)));
     b.push(&shape, 5, &msg(5, Some(br#"{"id": 2}"#), Some(b"[1]")));
-    assert_eq!(lines(&b), vec!["1\tpen\t0\tf", "1\t1\tf", "1\t2\tt"]);
+    b.push(&shape, 6, &msg(6, None, Some(br#"{"op": "t", "before": null, "after": null}"#)));
+    b.push(&shape, 7, &msg(7, Some(br#"{"id": 3}"#), Some(br#"{"op": "r", "after": {"id": 3}}"#)));
+    assert_eq!(lines(&b), vec!["1\tpen\t0\tf", "1\t1\tf", "1\t2\tt", "3\t7\tf"]);
+    // The TRUNCATE is a run of its own between the rows before and after it.
+    let truncates: Vec<bool> = b.rows.iter().map(|r| r.is_truncate()).collect();
+    assert_eq!(truncates, vec![false, false, false, true, false]);
+    assert_eq!(b.runs(0..5).len(), 4);
     // An update that leaves a column out leaves that column as it is.
     assert_eq!(b.column_names(&shape, 1), vec!["id"]);
     let errors: Vec<_> = b.rejected.iter().map(|r| (r.message, r.error.as_str())).collect();

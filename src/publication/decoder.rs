@@ -5,6 +5,7 @@
 
 use super::events::cstr_lossy;
 use super::plugin::{self, Selection, Sink, WorkerSetup, PLUGIN};
+use super::snapshot::Window;
 use crate::error::{BridgeError, Result};
 use crate::worker;
 use pgrx::pg_sys;
@@ -83,6 +84,7 @@ impl Decoder {
                 None,
             );
             decoder.ctx = ctx;
+            include_in_snapshots();
             pg_sys::XLogBeginRead((*ctx).reader, (*pg_sys::MyReplicationSlot).data.restart_lsn);
             pg_sys::InvalidateSystemCaches();
             Ok(())
@@ -98,8 +100,14 @@ impl Decoder {
         state.sink.as_any_mut().downcast_mut::<S>().expect("the decoder's sink has the type it was opened with")
     }
 
-    /// Decodes the WAL flushed so far, for up to `budget`. Returns whether it reached the
-    /// end of the flushed WAL.
+    /// The snapshot window of the plugin (see [`super::snapshot`]).
+    pub(crate) fn window(&mut self) -> &mut Option<Window> {
+        // SAFETY: as in `sink`.
+        unsafe { &mut plugin::state(self.ctx).window }
+    }
+
+    /// Decodes the WAL flushed so far, for up to `budget` or until a snapshot chunk was
+    /// published. Returns whether it reached the end of the flushed WAL.
     pub(crate) fn read(&mut self, budget: Duration) -> Result<bool> {
         let deadline = Instant::now() + budget;
         // SAFETY: `self.ctx` is the open context (freed only by Drop), its reader owned by it;
@@ -123,6 +131,12 @@ impl Decoder {
                     // The guard turns an ERROR raised while decoding (in the plugin's
                     // callbacks too) into a Rust unwind, which `worker::catch` takes.
                     pg_sys::ffi::pg_guard_ffi_boundary(|| LogicalDecodingProcessRecord(self.ctx, reader));
+                    let state = plugin::state(self.ctx);
+                    if state.chunk_emitted {
+                        // A snapshot chunk is out: the worker commits it before going on.
+                        state.chunk_emitted = false;
+                        return Ok(false);
+                    }
                 }
                 records += 1;
                 if records.is_multiple_of(256) {
@@ -181,6 +195,27 @@ impl Drop for Decoder {
             unsafe { pg_sys::proc_exit(1) };
         }
     }
+}
+
+/// Undoes what creating a decoding context outside a transaction does to the process: the
+/// flag PROC_IN_LOGICAL_DECODING, with which other backends leave the process out of their
+/// snapshots, as they may for a walsender, which never writes. This worker writes (dead
+/// letters, snapshot progress, watermarks) with transaction ids of its own: left out of
+/// others' snapshots, a transaction of it that is still running looks aborted to them, and
+/// a reader then marks its rows invalid for good.
+///
+/// # Safety
+/// On the main thread, outside a transaction, after `CreateDecodingContext`.
+unsafe fn include_in_snapshots() {
+    // ProcArrayLock is the fourth of the server's individual LWLocks in every supported
+    // version (lwlocklist.h); the flags are changed under it, as the server does.
+    const PROC_ARRAY_LOCK: usize = 4;
+    let lock = &raw mut (*pg_sys::MainLWLockArray.add(PROC_ARRAY_LOCK)).lock;
+    pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+    let proc = pg_sys::MyProc;
+    (*proc).statusFlags &= !(pg_sys::PROC_IN_LOGICAL_DECODING as u8);
+    *(*pg_sys::ProcGlobal).statusFlags.add((*proc).pgxactoff as usize) = (*proc).statusFlags;
+    pg_sys::LWLockRelease(lock);
 }
 
 /// The decoding context's output writer, which the worker does not use: events go to the

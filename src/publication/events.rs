@@ -30,6 +30,8 @@ pub(crate) enum Op {
     Insert,
     Update,
     Delete,
+    /// A row read by a snapshot.
+    Read,
 }
 
 impl Op {
@@ -38,6 +40,7 @@ impl Op {
             Op::Insert => "c",
             Op::Update => "u",
             Op::Delete => "d",
+            Op::Read => "r",
         }
     }
 }
@@ -91,11 +94,36 @@ impl TableInfo {
         TableInfo { schema, table, topic, column_names, key, full_identity }
     }
 
+    /// The table's info for the rows of a query result with descriptor `result` whose
+    /// columns are some of the table's, by name (`SELECT *` leaves dropped columns out).
+    ///
+    /// # Safety
+    /// `relation` must be an open relation and `result` a live tuple descriptor.
+    pub(crate) unsafe fn for_result(
+        relation: pg_sys::Relation,
+        result: pg_sys::TupleDesc,
+        template: &str,
+    ) -> TableInfo {
+        let table = TableInfo::of(relation, template);
+        let key_names: Vec<&Vec<u8>> =
+            table.column_names.iter().zip(&table.key).filter(|(_, key)| **key).map(|(name, _)| name).collect();
+        let column_names: Vec<Vec<u8>> = (0..(*result).natts as usize)
+            .map(|i| {
+                let mut name = Vec::new();
+                push_json_string(&mut name, &cstr_lossy(compat::attribute(result, i).attname.data.as_ptr()));
+                name
+            })
+            .collect();
+        let key = column_names.iter().map(|name| key_names.contains(&name)).collect();
+        TableInfo { column_names, key, ..table }
+    }
+
     fn has_key(&self) -> bool {
         self.key.contains(&true)
     }
 
-    fn is_key(&self, attribute: usize) -> bool {
+    /// Whether attribute `attribute` (an index in the tuple descriptor) is a key column.
+    pub(crate) fn is_key(&self, attribute: usize) -> bool {
         self.key.get(attribute).copied().unwrap_or(false)
     }
 }
@@ -168,6 +196,9 @@ pub(crate) struct EventWriter {
     nulls: Vec<bool>,
     /// Attributes (by index) of the current row left out as unchanged TOAST values.
     unchanged: Vec<usize>,
+    /// Whether values stored out of line are written (rows read from the table) rather
+    /// than left out as unchanged (decoded changes).
+    fetch_external: bool,
 }
 
 impl EventWriter {
@@ -175,11 +206,11 @@ impl EventWriter {
     /// which the caller resets after each change.
     ///
     /// # Safety
-    /// `relation` must be the open relation of the tuples, which must be valid heap tuples.
+    /// `tupdesc` must describe the tuples, which must be valid heap tuples.
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn row_change(
         &mut self,
-        relation: pg_sys::Relation,
+        tupdesc: pg_sys::TupleDesc,
         info: &TableInfo,
         txn: &TxnInfo,
         seq: i64,
@@ -187,8 +218,26 @@ impl EventWriter {
         old: Option<*mut pg_sys::HeapTupleData>,
         new: Option<*mut pg_sys::HeapTupleData>,
     ) {
-        let tupdesc = (*relation).rd_att;
+        self.row_change_head(tupdesc, info, op, old, new);
+        finish_row_change(&mut self.value, txn, seq);
+    }
 
+    /// Writes the key, and the value of a row change up to its position in the stream,
+    /// which [`finish_row_change`] adds: a snapshot's rows learn theirs only later.
+    ///
+    /// # Safety
+    /// As [`EventWriter::row_change`].
+    pub(crate) unsafe fn row_change_head(
+        &mut self,
+        tupdesc: pg_sys::TupleDesc,
+        info: &TableInfo,
+        op: Op,
+        old: Option<*mut pg_sys::HeapTupleData>,
+        new: Option<*mut pg_sys::HeapTupleData>,
+    ) {
+        // A snapshot reads rows from the table, where TOASTed values are stored out of line
+        // and are to be fetched; in decoded changes such a pointer means "unchanged".
+        self.fetch_external = op == Op::Read;
         // The key comes from the new row, or the old one for deletes (where only the
         // identity columns are known unless the identity is FULL).
         let mut buffer = std::mem::take(&mut self.key);
@@ -231,9 +280,33 @@ impl EventWriter {
         push_json_string(&mut out, &info.schema);
         out.extend_from_slice(b",\"table\":");
         push_json_string(&mut out, &info.table);
-        write_source_position(&mut out, txn, seq);
-        out.extend_from_slice(b"}}");
         self.value = out;
+    }
+
+    /// Writes the value of a TRUNCATE of the table (events of a truncate have no key).
+    pub(crate) fn truncate(&mut self, info: &TableInfo, txn: &TxnInfo, seq: i64) {
+        let out = &mut self.value;
+        out.clear();
+        out.extend_from_slice(b"{\"op\":\"t\",\"before\":null,\"after\":null,\"source\":{\"schema\":");
+        push_json_string(out, &info.schema);
+        out.extend_from_slice(b",\"table\":");
+        push_json_string(out, &info.table);
+        finish_row_change(out, txn, seq);
+    }
+
+    /// The key of an old row, as [`EventWriter::row_change`] writes keys.
+    ///
+    /// # Safety
+    /// `tuple` is a valid heap tuple of `tupdesc`; allocates in the current memory context.
+    pub(crate) unsafe fn key_of(
+        &mut self,
+        tupdesc: pg_sys::TupleDesc,
+        info: &TableInfo,
+        tuple: *mut pg_sys::HeapTupleData,
+    ) -> Vec<u8> {
+        let mut key = Vec::new();
+        self.write_row(&mut key, tupdesc, tuple, info, Columns::Key);
+        key
     }
 
     /// # Safety
@@ -262,7 +335,7 @@ impl EventWriter {
                 continue;
             }
             let (datum, null) = (self.values[i], self.nulls[i]);
-            if !null && attr.attlen == -1 && is_external_ondisk(datum) {
+            if !null && attr.attlen == -1 && !self.fetch_external && is_external_ondisk(datum) {
                 self.unchanged.push(i);
                 continue;
             }
@@ -331,6 +404,13 @@ unsafe fn is_external_ondisk(datum: pg_sys::Datum) -> bool {
     let header = datum.cast_mut_ptr::<u8>();
     // A one-byte header of 0x01 marks an external pointer; the next byte is its tag.
     *header == 0x01 && *header.add(1) == pg_sys::vartag_external::VARTAG_ONDISK as u8
+}
+
+/// Ends the value of a row change written by [`EventWriter::row_change_head`] with its
+/// position in the stream.
+pub(crate) fn finish_row_change(value: &mut Vec<u8>, txn: &TxnInfo, seq: i64) {
+    write_source_position(value, txn, seq);
+    value.extend_from_slice(b"}}");
 }
 
 /// `,"lsn":...,"txid":...,"seq":...,"commit_time":"..."`: the position of an event.

@@ -13,6 +13,7 @@ mod publisher;
 use publisher::Refusal;
 pub(crate) use publisher::{Position, PublicationDeadLetter};
 pub(crate) mod slots;
+pub(crate) mod snapshot;
 
 use crate::catalog::{self, publication::Publication};
 use crate::error::{BridgeError, Result};
@@ -24,6 +25,7 @@ use decoder::Decoder;
 use pgrx::prelude::*;
 use plugin::Selection;
 use publisher::{Publisher, MAX_KAFKA_TRANSACTION_AGE};
+use snapshot::{SnapshotCursor, Snapshotter, Window, WindowHost};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -87,6 +89,7 @@ impl PublicationWorker {
         let mut reported_events = 0;
         self.report(&publisher, &mut meter, &mut reported_events);
         let mut decoder = Decoder::open(&publication.slot_name, Selection::of(&publication), Box::new(publisher))?;
+        let mut snapshotter = Snapshotter::new(publication.id, publication.owner, &publication.topic);
         shmem::update(self.id, |slot| slot.state = WorkerState::Running);
         let mut next_check = Instant::now() + settings::metadata_refresh();
         loop {
@@ -123,7 +126,10 @@ impl PublicationWorker {
                 Err(e) => return self.after_failure(p, e),
             };
             let mut progressed = caught_up;
-            if p.has_open_transaction() && (caught_up || p.open_transaction_age() >= MAX_KAFKA_TRANSACTION_AGE) {
+            let chunk_to_commit = p.snapshot_cursors().1;
+            if p.has_open_transaction()
+                && (caught_up || chunk_to_commit || p.open_transaction_age() >= MAX_KAFKA_TRANSACTION_AGE)
+            {
                 if let Err(e) = p.commit_transaction() {
                     return self.after_failure(p, e);
                 }
@@ -149,7 +155,8 @@ impl PublicationWorker {
             if progressed {
                 backoff.reset();
             }
-            if caught_up {
+            snapshotter.step(&mut decoder)?;
+            if caught_up && !snapshotter.busy() {
                 worker::sleep(IDLE_WAIT);
             }
         }
@@ -203,6 +210,16 @@ impl PublicationWorker {
         }
         let options = Options::for_owner(&publication.options, publication.owner)?;
         Ok(Some((publication, options)))
+    }
+}
+
+impl WindowHost for Decoder {
+    fn window(&mut self) -> &mut Option<Window> {
+        Decoder::window(self)
+    }
+
+    fn committed_cursor(&mut self) -> (Option<SnapshotCursor>, bool) {
+        self.sink::<Publisher>().snapshot_cursors()
     }
 }
 

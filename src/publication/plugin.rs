@@ -6,8 +6,9 @@
 //! (`pg_logical_slot_peek_changes` on a slot created with plugin `pg_kafka_bridge`): each
 //! event is then one JSON row, which is how the SQL tests check the events without Kafka.
 
-use super::events::{cstr_lossy, push_json_string, EventWriter, Op, TableInfo, TxnInfo};
+use super::events::{cstr_lossy, finish_row_change, push_json_string, EventWriter, Op, TableInfo, TxnInfo};
 use super::outbox::{self, Outgoing};
+use super::snapshot::{self, Mark, SnapshotCursor, Window};
 use crate::catalog::publication::Publication;
 use crate::error::{BridgeError, Result};
 use pgrx::pg_sys;
@@ -28,6 +29,21 @@ pub(crate) trait Sink: Any {
     fn event(&mut self, txn: &TxnInfo, seq: i64, topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) -> Result<()>;
     /// The transaction's last event has been handed over.
     fn commit(&mut self, txn: &TxnInfo) -> Result<()>;
+    /// The events up to [`Sink::end_chunk`] are the rows of one snapshot chunk: they are
+    /// published together or not at all.
+    fn begin_chunk(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// The chunk's rows are handed over; `cursor` is where its snapshot stands after them,
+    /// and `txn` the transaction of the chunk's high watermark.
+    fn end_chunk(&mut self, _txn: &TxnInfo, _cursor: SnapshotCursor) -> Result<()> {
+        Ok(())
+    }
+    /// An event for every partition of `topic` (a TRUNCATE: whichever partition a
+    /// consumer reads, it sees it in order with that partition's rows).
+    fn event_to_every_partition(&mut self, txn: &TxnInfo, seq: i64, topic: &str, value: &[u8]) -> Result<()> {
+        self.event(txn, seq, topic, None, Some(value))
+    }
     /// A change that is not published went by: a long replay of such changes is a chance to
     /// serve signals and commit what is open.
     fn skipped(&mut self) -> Result<()> {
@@ -80,6 +96,13 @@ pub(crate) fn offer_worker_setup(setup: WorkerSetup) -> impl Drop {
     Withdraw
 }
 
+// Exported by the server, not declared by pgrx; called behind pgrx's FFI guard (the
+// callbacks calling it are #[pg_guard]).
+// SAFETY: the signature is that of catalog/partition.h in every supported version.
+extern "C-unwind" {
+    fn get_partition_ancestors(relid: pg_sys::Oid) -> *mut pg_sys::List;
+}
+
 /// The plugin's state in one decoding context.
 pub(crate) struct PluginState {
     /// `None`: every table and every `kafka.send()` message (SQL use of the plugin).
@@ -88,9 +111,16 @@ pub(crate) struct PluginState {
     txn: TxnInfo,
     next_seq: i64,
     tables: HashMap<pg_sys::Oid, TableInfo>,
+    /// Per partition: the published partitioned table its changes are published as, if any.
+    roots: HashMap<pg_sys::Oid, Option<pg_sys::Oid>>,
     writer: EventWriter,
     /// Reset after each change, so that a transaction of any size leaves nothing behind.
     change_context: pg_sys::MemoryContext,
+    /// The snapshot chunk being interleaved with the changes, if any (worker use only).
+    pub(crate) window: Option<Window>,
+    /// Set when a chunk was handed to the sink: the decoder stops there, so that the
+    /// worker commits it before it reads the next.
+    pub(crate) chunk_emitted: bool,
 }
 
 impl PluginState {
@@ -119,13 +149,59 @@ impl PluginState {
             txn: TxnInfo::default(),
             next_seq: 0,
             tables: HashMap::new(),
+            roots: HashMap::new(),
             writer: EventWriter::default(),
             change_context,
+            window: None,
+            chunk_emitted: false,
         }
     }
 
     fn template(&self) -> &str {
         self.selection.as_ref().map_or("{schema}.{table}", |s| s.topic_template.as_str())
+    }
+
+    /// The published table whose events `relation`'s changes are: itself, or the topmost
+    /// published partitioned table it is a partition of (as PostgreSQL's
+    /// `publish_via_partition_root`); `None` if it is not published.
+    ///
+    /// # Safety
+    /// `relation` is an open relation; called from a decoding callback (catalog access).
+    unsafe fn published_as(&mut self, relation: pg_sys::Relation) -> Option<pg_sys::Oid> {
+        let relid = (*relation).rd_id;
+        let selection = match &self.selection {
+            Some(s) if !s.tables.contains(&relid) => s,
+            _ => return Some(relid),
+        };
+        if !(*(*relation).rd_rel).relispartition {
+            return None;
+        }
+        if let Some(root) = self.roots.get(&relid) {
+            return *root;
+        }
+        let ancestors = get_partition_ancestors(relid);
+        let mut root = None;
+        if !ancestors.is_null() {
+            for i in 0..(*ancestors).length as usize {
+                // Nearest first: the last published one is the topmost.
+                let ancestor = (*(*ancestors).elements.add(i)).oid_value;
+                if selection.tables.contains(&ancestor) {
+                    root = Some(ancestor);
+                }
+            }
+            pg_sys::list_free(ancestors);
+        }
+        self.roots.insert(relid, root);
+        root
+    }
+
+    /// Forgets what was worked out of relations once the relation cache changed (a table
+    /// altered, a partition attached or detached).
+    fn forget_relations_if_changed(&mut self) {
+        if RELCACHE_CHANGED.swap(false, Ordering::Relaxed) {
+            self.tables.clear();
+            self.roots.clear();
+        }
     }
 }
 
@@ -157,6 +233,7 @@ pub unsafe extern "C-unwind" fn _PG_output_plugin_init(callbacks: *mut pg_sys::O
     cb.startup_cb = Some(startup);
     cb.begin_cb = Some(begin);
     cb.change_cb = Some(change);
+    cb.truncate_cb = Some(truncate);
     cb.commit_cb = Some(commit);
     cb.message_cb = Some(message);
     cb.shutdown_cb = Some(shutdown);
@@ -255,35 +332,101 @@ unsafe extern "C-unwind" fn change(
     change: *mut pg_sys::ReorderBufferChange,
 ) {
     let state = state(ctx);
-    let relid = (*relation).rd_id;
-    if state.selection.as_ref().is_some_and(|s| !s.tables.contains(&relid)) {
+    state.forget_relations_if_changed();
+    let Some(published) = state.published_as(relation) else {
         state.sink.skipped().unwrap_or_else(|e| e.raise());
         return;
-    }
+    };
     let op = match (*change).action {
         pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_INSERT => Op::Insert,
         pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_UPDATE => Op::Update,
         pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_DELETE => Op::Delete,
         _ => return,
     };
-    let [old, new] = crate::compat::change_tuples(change);
-    if RELCACHE_CHANGED.swap(false, Ordering::Relaxed) {
-        state.tables.clear();
-    }
+    let [mut old, mut new] = crate::compat::change_tuples(change);
     let seq = state.next_seq;
     state.next_seq += 1;
     let previous = pg_sys::MemoryContextSwitchTo(state.change_context);
-    if !state.tables.contains_key(&relid) {
-        let info = TableInfo::of(relation, state.template());
-        state.tables.insert(relid, info);
+    // A partition's change is published as a change of its published root: its tuples
+    // become tuples of the root's row type (columns matched by name).
+    let root = (published != (*relation).rd_id).then(|| pg_sys::RelationIdGetRelation(published));
+    let described = root.unwrap_or(relation);
+    if let Some(root) = root {
+        let map = pg_sys::convert_tuples_by_name((*relation).rd_att, (*root).rd_att);
+        if !map.is_null() {
+            old = old.map(|t| pg_sys::execute_attr_map_tuple(t, map));
+            new = new.map(|t| pg_sys::execute_attr_map_tuple(t, map));
+        }
     }
-    let info = &state.tables[&relid];
-    state.writer.row_change(relation, info, &state.txn, seq, op, old, new);
+    if !state.tables.contains_key(&published) {
+        let info = TableInfo::of(described, state.template());
+        state.tables.insert(published, info);
+    }
+    let info = &state.tables[&published];
+    let tupdesc = (*described).rd_att;
+    state.writer.row_change(tupdesc, info, &state.txn, seq, op, old, new);
+    if let Some(window) = state.window.as_mut().filter(|w| w.watches(published)) {
+        // A change of a key in a chunk's window is newer than the chunk's read of it.
+        window.changed(&state.writer.key);
+        if let (Op::Update, Some(old)) = (op, old) {
+            window.changed(&state.writer.key_of(tupdesc, info, old));
+        }
+    }
+    if let Some(root) = root {
+        pg_sys::RelationClose(root);
+    }
     pg_sys::MemoryContextSwitchTo(previous);
     pg_sys::MemoryContextReset(state.change_context);
     let txn = state.txn;
     let writer = &state.writer;
     state.sink.event(&txn, seq, &info.topic, Some(&writer.key), Some(&writer.value)).unwrap_or_else(|e| e.raise());
+}
+
+/// One event per truncated table that is published.
+///
+/// # Safety
+/// Called by the reorder buffer during decoding, with a context this plugin started and
+/// `relations` pointing to `count` open relations, valid for the call.
+#[pg_guard]
+unsafe extern "C-unwind" fn truncate(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    _txn: *mut pg_sys::ReorderBufferTXN,
+    count: std::ffi::c_int,
+    relations: *mut pg_sys::Relation,
+    _change: *mut pg_sys::ReorderBufferChange,
+) {
+    let state = state(ctx);
+    state.forget_relations_if_changed();
+    // Truncating a partitioned table truncates its partitions: one event for the root.
+    let mut done = HashSet::new();
+    for i in 0..count.max(0) as usize {
+        let relation = *relations.add(i);
+        let Some(published) = state.published_as(relation) else {
+            continue;
+        };
+        if !done.insert(published) {
+            continue;
+        }
+        if let Some(window) = state.window.as_mut().filter(|w| w.watches(published)) {
+            // Every row the chunk in flight read may be gone: none of them is published.
+            window.truncated();
+        }
+        if !state.tables.contains_key(&published) {
+            let root = (published != (*relation).rd_id).then(|| pg_sys::RelationIdGetRelation(published));
+            let info = TableInfo::of(root.unwrap_or(relation), state.template());
+            if let Some(root) = root {
+                pg_sys::RelationClose(root);
+            }
+            state.tables.insert(published, info);
+        }
+        let info = &state.tables[&published];
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        let txn = state.txn;
+        state.writer.truncate(info, &txn, seq);
+        let value = &state.writer.value;
+        state.sink.event_to_every_partition(&txn, seq, &info.topic, value).unwrap_or_else(|e| e.raise());
+    }
 }
 
 /// # Safety
@@ -299,11 +442,22 @@ unsafe extern "C-unwind" fn message(
     size: pg_sys::Size,
     content: *const std::ffi::c_char,
 ) {
-    // kafka.send() writes transactional messages only; anything else is not ours.
-    if !transactional || txn.is_null() || CStr::from_ptr(prefix).to_bytes() != outbox::PREFIX.to_bytes() {
+    // The extension writes transactional messages only; anything else is not ours.
+    if !transactional || txn.is_null() {
         return;
     }
+    let prefix = CStr::from_ptr(prefix).to_bytes();
     let state = state(ctx);
+    if prefix == snapshot::MARK_PREFIX.to_bytes() {
+        let bytes = std::slice::from_raw_parts(content.cast::<u8>(), size);
+        if let Some(mark) = Mark::decode(bytes) {
+            snapshot_mark(state, mark).unwrap_or_else(|e| e.raise());
+        }
+        return;
+    }
+    if prefix != outbox::PREFIX.to_bytes() {
+        return;
+    }
     let bytes = std::slice::from_raw_parts(content.cast::<u8>(), size);
     let Some(outgoing) = Outgoing::decode(bytes) else {
         return;
@@ -315,6 +469,40 @@ unsafe extern "C-unwind" fn message(
     state.next_seq += 1;
     let txn = state.txn;
     state.sink.event(&txn, seq, outgoing.topic, outgoing.key, outgoing.value).unwrap_or_else(|e| e.raise());
+}
+
+/// A snapshot watermark was decoded: if it is the high watermark of the chunk in flight,
+/// the chunk's rows whose keys did not change in its window are published here, at the
+/// watermark's place in the stream; either way a new window opens.
+fn snapshot_mark(state: &mut PluginState, mark: Mark) -> Result<()> {
+    let Some(window) = state.window.as_mut().filter(|w| w.is_of(&mark)) else {
+        return Ok(());
+    };
+    let Some(chunk) = window.close(mark.number) else {
+        return Ok(());
+    };
+    let txn = state.txn;
+    state.sink.begin_chunk()?;
+    let mut value = Vec::new();
+    let mut published = 0;
+    for row in &chunk.rows {
+        if window.was_changed(&row.key) {
+            continue;
+        }
+        value.clear();
+        value.extend_from_slice(&row.head);
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        finish_row_change(&mut value, &txn, seq);
+        state.sink.event(&txn, seq, &chunk.topic, Some(&row.key), Some(&value))?;
+        published += 1;
+    }
+    window.reopen();
+    let mut cursor = chunk.cursor;
+    cursor.rows += published;
+    state.sink.end_chunk(&txn, cursor)?;
+    state.chunk_emitted = true;
+    Ok(())
 }
 
 /// SQL use of the plugin: each event becomes one row of JSON with its topic, key and value.

@@ -11,6 +11,7 @@ use super::confirm::ConfirmTracker;
 use super::events::TxnInfo;
 use super::history;
 use super::plugin::Sink;
+use super::snapshot::SnapshotCursor;
 use crate::catalog::publication::{OnEventError, Publication};
 use crate::error::{BridgeError, Result};
 use crate::kafka::{self, ErrorMailbox, Options};
@@ -57,6 +58,10 @@ struct ProgressRecord {
     /// The server's timeline when the record was written (absent before release 0.3).
     #[serde(default)]
     timeline: Option<u32>,
+    /// Where the publication's snapshot run stands (absent before release 0.4, and when
+    /// no table was ever snapshotted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    snapshot: Option<SnapshotCursor>,
 }
 
 pub(crate) struct Publisher {
@@ -89,6 +94,15 @@ pub(crate) struct Publisher {
     refusals: HashMap<Position, Refusal>,
     /// The event being sent alone, to learn whether the broker refuses it.
     isolating: Option<Position>,
+    /// The snapshot cursor of the last committed progress record.
+    snapshot_committed: Option<SnapshotCursor>,
+    /// The snapshot cursor after the chunk in the open Kafka transaction.
+    snapshot_open: Option<SnapshotCursor>,
+    /// Events that belong together are being handed over (a snapshot chunk, the copies
+    /// of a TRUNCATE): they are not split between Kafka transactions.
+    hold_commits: bool,
+    /// Partition counts of the topics events went to every partition of.
+    partitions: HashMap<String, i32>,
 }
 
 /// A delivery the broker refused for good (too large for the topic, an invalid record, a
@@ -199,7 +213,8 @@ impl Publisher {
         if let Some(record) = &progress {
             history::check_progress(record.commit_lsn, record.timeline)?;
         }
-        let committed = progress.map(|r| Position { commit_lsn: r.commit_lsn, seq: r.seq });
+        let committed = progress.as_ref().map(|r| Position { commit_lsn: r.commit_lsn, seq: r.seq });
+        let snapshot_committed = progress.and_then(|r| r.snapshot);
         if let Some(position) = committed {
             shmem::update(status, |slot| {
                 slot.published_lsn = position.commit_lsn;
@@ -227,6 +242,10 @@ impl Publisher {
             sent: Vec::new(),
             refusals,
             isolating: None,
+            snapshot_committed,
+            snapshot_open: None,
+            hold_commits: false,
+            partitions: HashMap::new(),
         })
     }
 
@@ -258,6 +277,13 @@ impl Publisher {
             let _ = self.producer.abort_transaction(ABORT_TIMEOUT);
             self.confirm.kafka_transaction_failed();
         }
+        self.snapshot_open = None;
+    }
+
+    /// The snapshot cursor of the last committed progress record, and whether the open
+    /// Kafka transaction holds a snapshot chunk (to commit as soon as it can).
+    pub(crate) fn snapshot_cursors(&self) -> (Option<SnapshotCursor>, bool) {
+        (self.snapshot_committed.clone(), self.snapshot_open.is_some())
     }
 
     pub(crate) fn has_open_transaction(&self) -> bool {
@@ -288,6 +314,7 @@ impl Publisher {
             commit_lsn: open.last.commit_lsn,
             seq: open.last.seq,
             timeline: Some(history::flushed_wal().1),
+            snapshot: self.snapshot_open.clone().or_else(|| self.snapshot_committed.clone()),
         };
         let value = serde_json::to_vec(&record).unwrap_or_default();
         let progress = BaseRecord::with_opaque_to(&self.progress_topic, NOT_AN_EVENT)
@@ -302,10 +329,14 @@ impl Publisher {
             // next session, which starts from the last committed progress.
             let _ = self.producer.abort_transaction(CALL_SLICE);
             self.confirm.kafka_transaction_failed();
+            self.snapshot_open = None;
             let detail = self.errors.take().map(|d| format!(" ({d})")).unwrap_or_default();
             return Err(BridgeError::Kafka(format!("{e}{detail}")));
         }
         self.committed = Some(open.last);
+        if let Some(cursor) = self.snapshot_open.take() {
+            self.snapshot_committed = Some(cursor);
+        }
         self.confirm.kafka_transaction_committed();
         shmem::update(self.status, |slot| {
             slot.published_lsn = open.last.commit_lsn;
@@ -395,6 +426,9 @@ impl Publisher {
     /// Commits from inside a long replay when the Kafka transaction is due, so that it never
     /// reaches the broker's transaction timeout.
     fn commit_if_due(&mut self) -> Result<()> {
+        if self.hold_commits {
+            return Ok(());
+        }
         let due = self.open.as_ref().is_some_and(|t| {
             t.events >= MAX_EVENTS_PER_KAFKA_TRANSACTION || t.opened_at.elapsed() >= MAX_KAFKA_TRANSACTION_AGE
         });
@@ -413,8 +447,35 @@ struct RejectedEvent<'a> {
     reason: String,
 }
 
-impl Sink for Publisher {
-    fn event(&mut self, txn: &TxnInfo, seq: i64, topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) -> Result<()> {
+impl Publisher {
+    /// The number of partitions of `topic`, looked up once per session; 0 if the broker
+    /// does not know the topic yet (it is created by the first message sent to it).
+    fn partition_count(&mut self, topic: &str) -> Result<i32> {
+        if let Some(count) = self.partitions.get(topic) {
+            return Ok(*count);
+        }
+        let metadata = self
+            .producer
+            .client()
+            .fetch_metadata(Some(topic), SETUP_TIMEOUT)
+            .map_err(|e| BridgeError::Kafka(format!("reading the partitions of topic \"{topic}\": {e}")))?;
+        let count = metadata.topics().first().map_or(0, |t| t.partitions().len() as i32);
+        if count > 0 {
+            self.partitions.insert(topic.to_owned(), count);
+        }
+        Ok(count)
+    }
+
+    /// Sends one event, to `partition` if given (else the key's); see [`Sink::event`].
+    fn publish(
+        &mut self,
+        txn: &TxnInfo,
+        seq: i64,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        partition: Option<i32>,
+    ) -> Result<()> {
         // A large transaction is replayed inside one call of the decoder: serve SIGTERM here.
         worker::check_interrupts();
         let position = Position { commit_lsn: txn.commit_lsn, seq };
@@ -439,6 +500,9 @@ impl Sink for Publisher {
             self.isolating = Some(position);
         }
         let mut record: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(topic, self.sent.len());
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
         if let Some(k) = key {
             record = record.key(k);
         }
@@ -474,6 +538,24 @@ impl Sink for Publisher {
         }
         self.commit_if_due()
     }
+}
+
+impl Sink for Publisher {
+    fn event(&mut self, txn: &TxnInfo, seq: i64, topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) -> Result<()> {
+        self.publish(txn, seq, topic, key, value, None)
+    }
+
+    fn event_to_every_partition(&mut self, txn: &TxnInfo, seq: i64, topic: &str, value: &[u8]) -> Result<()> {
+        let count = self.partition_count(topic)?;
+        if count == 0 {
+            return self.publish(txn, seq, topic, None, Some(value), None);
+        }
+        self.hold_commits = true;
+        let sent = (0..count).try_for_each(|p| self.publish(txn, seq, topic, None, Some(value), Some(p)));
+        self.hold_commits = false;
+        sent?;
+        self.commit_if_due()
+    }
 
     fn skipped(&mut self) -> Result<()> {
         worker::check_interrupts();
@@ -482,6 +564,23 @@ impl Sink for Publisher {
 
     fn commit(&mut self, txn: &TxnInfo) -> Result<()> {
         self.confirm.transaction_completed(txn.end_lsn);
+        Ok(())
+    }
+
+    fn begin_chunk(&mut self) -> Result<()> {
+        self.commit_if_due()?;
+        self.hold_commits = true;
+        Ok(())
+    }
+
+    fn end_chunk(&mut self, txn: &TxnInfo, cursor: SnapshotCursor) -> Result<()> {
+        self.hold_commits = false;
+        if self.open.is_none() {
+            // No row of the chunk was left to publish: the cursor still moves, with a
+            // progress record at the watermark (before any event of its transaction).
+            self.cover(Position { commit_lsn: txn.commit_lsn, seq: -1 }, txn)?;
+        }
+        self.snapshot_open = Some(cursor);
         Ok(())
     }
 

@@ -120,6 +120,14 @@ impl<'a> Applier<'a> {
     fn write(&self, batch: &EncodedBatch, range: Range<usize>) -> Result<()> {
         let owner = self.subscription.owner;
         for run in batch.runs(range) {
+            if batch.rows[run.start].is_truncate() {
+                // A TRUNCATE change event empties the table: a DELETE, which keeps the
+                // apply one transaction with its offsets and fires the owner's DELETE
+                // triggers.
+                let sql = format!("DELETE FROM {}", self.target.quoted_name);
+                as_table_owner(owner, || Spi::connect_mut(|client| client.update(&sql, None, &[]).map(drop)))?;
+                continue;
+            }
             let columns = batch.column_names(&self.target.shape, run.start);
             let text = batch.text(run.clone());
             match &self.staging {

@@ -280,3 +280,67 @@ fn slot_details_follow_the_server_version() {
     }
     drop_publication(&mut pg, &name);
 }
+
+#[test]
+fn truncate_is_published_to_every_partition_and_applied_by_change_subscriptions() {
+    let mut pg = pg();
+    let (items, target, name, sub, prefix) =
+        (unique("trunc"), unique("trunct"), unique("pub"), unique("sub"), unique("trunc"));
+    pg.batch_execute(&format!(
+        "CREATE TABLE {items} (id int PRIMARY KEY, name text);
+         CREATE TABLE {target} (id int PRIMARY KEY, name text);"
+    ))
+    .unwrap();
+    let topic = format!("{prefix}.{items}");
+    create_topic(&topic, 3);
+    create_publication(&mut pg, &name, &[&items], &format!(", topic => '{prefix}.{{table}}', snapshot => 'none'"));
+    pg.batch_execute(&format!(
+        "INSERT INTO {items} SELECT g, 'before' FROM generate_series(1, 30) g;
+         TRUNCATE {items};
+         INSERT INTO {items} SELECT g, 'after' FROM generate_series(100, 104) g;"
+    ))
+    .unwrap();
+    let messages = consume_all(&topic, 38, TIMEOUT);
+    let truncates: Vec<_> = messages
+        .iter()
+        .filter(|m| m.3.as_ref().is_some_and(|v| serde_json::from_slice::<serde_json::Value>(v).unwrap()["op"] == "t"))
+        .collect();
+    let partitions: std::collections::BTreeSet<i32> = truncates.iter().map(|m| m.0).collect();
+    assert_eq!(partitions.len(), 3, "one TRUNCATE event in each partition: {truncates:?}");
+    assert!(truncates.iter().all(|m| m.2.is_none()), "TRUNCATE events have no key");
+    let value: serde_json::Value = serde_json::from_slice(truncates[0].3.as_ref().unwrap()).unwrap();
+    assert_eq!(value["before"], serde_json::Value::Null);
+    assert_eq!(value["after"], serde_json::Value::Null);
+    assert_eq!(value["source"]["table"], items.as_str());
+    // In each partition, the TRUNCATE comes after that partition's earlier rows.
+    for partition in 0..3 {
+        let ops: Vec<String> = messages
+            .iter()
+            .filter(|m| m.0 == partition)
+            .map(|m| serde_json::from_slice::<serde_json::Value>(m.3.as_ref().unwrap()).unwrap())
+            .map(|v| format!("{}:{}", v["op"].as_str().unwrap(), v["after"]["name"].as_str().unwrap_or("")))
+            .collect();
+        let t = ops.iter().position(|o| o == "t:").expect("a TRUNCATE");
+        assert!(ops[..t].iter().all(|o| o == "c:before") && ops[t + 1..].iter().all(|o| o == "c:after"), "{ops:?}");
+    }
+
+    // A change subscription of a single-partition copy applies it: only the rows after it stay.
+    let copy = unique("truncc");
+    let copy_name = format!("{copy}.{items}");
+    let name2 = unique("pub");
+    pg.batch_execute(&format!("TRUNCATE {items}; INSERT INTO {target} VALUES (-1, 'stale')")).unwrap();
+    create_topic(&copy_name, 1);
+    pg.batch_execute(&format!("INSERT INTO {items} SELECT g, 'one' FROM generate_series(1, 10) g")).unwrap();
+    create_publication(&mut pg, &name2, &[&items], &format!(", topic => '{copy}.{{table}}'"));
+    pg.batch_execute(&format!(
+        "TRUNCATE {items};
+         INSERT INTO {items} SELECT g, 'two' FROM generate_series(20, 22) g;"
+    ))
+    .unwrap();
+    create_subscription(&mut pg, &sub, &copy_name, &target, ", format => 'change', mode => 'upsert'");
+    wait_for_count(&format!("SELECT count(*) FROM {target} WHERE name = 'two'"), 3, TIMEOUT);
+    wait_for_count(&format!("SELECT count(*) FROM {target}"), 3, TIMEOUT);
+    drop_subscription(&mut pg, &sub);
+    drop_publication(&mut pg, &name);
+    drop_publication(&mut pg, &name2);
+}

@@ -1,7 +1,7 @@
-//! Both directions at once: a publication feeds a topic with a table's changes, and a
-//! subscription in format 'change' applies them to another table. While the source table
-//! changes, both workers are killed with SIGKILL and the server is stopped in immediate
-//! mode; the two tables must end identical.
+//! Both directions at once: a publication feeds a topic with a table's rows (its snapshot)
+//! and changes, and a subscription in format 'change' applies them to another table. While
+//! the source table changes (and is truncated once), both workers are killed with SIGKILL
+//! and the server is stopped in immediate mode; the two tables must end identical.
 //!
 //! A trigger on the target logs every row it applies (and slows it down, so that the
 //! subscription lags behind): a change applied twice (a replay that an upsert would hide)
@@ -43,6 +43,10 @@ fn a_table_copied_through_kafka_ends_identical_after_crashes_on_both_sides() {
     let (source, log, target, publication, sub, prefix) =
         (unique("source"), unique("log"), unique("target"), unique("pub"), unique("sub"), unique("trip"));
     workload::create_tables(&mut pg, &source, &log);
+    // Rows the source holds before the publication exists: its snapshot publishes them.
+    // (Negative ids: the workload inserts from 1 up.)
+    pg.batch_execute(&format!("INSERT INTO {source} SELECT -g, 1, 'existing' FROM generate_series(1, 20000) g"))
+        .unwrap();
     let applied = unique("applied");
     pg.batch_execute(&format!(
         "CREATE TABLE {target} (id bigint PRIMARY KEY, version bigint NOT NULL, pad text);
@@ -83,6 +87,10 @@ fn a_table_copied_through_kafka_ends_identical_after_crashes_on_both_sides() {
     let mut history = Vec::new();
     for round in 0..8 {
         std::thread::sleep(Duration::from_millis(300 + rng.below(1500)));
+        if round == 2 {
+            pg.batch_execute(&format!("TRUNCATE {source}")).unwrap();
+            history.push("TRUNCATE of the source".into());
+        }
         if round % 2 == 1 {
             control.pause();
             wait_until_published(&mut pg, &publication);
@@ -144,6 +152,11 @@ fn a_table_copied_through_kafka_ends_identical_after_crashes_on_both_sides() {
         ),
     );
     println!("{applied_rows} row changes applied to the target");
+    let existing_applied =
+        count(&mut pg, &format!("SELECT count(DISTINCT id) FROM public.{applied} WHERE id < 0 AND op = 'INSERT'"));
+    assert_eq!(existing_applied, 20_000, "every row of the source's snapshot reached the target");
+    let truncated = count(&mut pg, &format!("SELECT count(*) FROM public.{applied} WHERE id < 0 AND op = 'd'"));
+    assert!(truncated > 0, "the TRUNCATE of the source deleted the target's rows");
     assert!(applied_rows >= rows, "the trigger logged the applied rows");
     assert_eq!(applied_twice, 0, "a change was applied to the target twice");
     assert_eq!(count(&mut pg, &format!("SELECT count(*) FROM kafka.dead_letters WHERE subscription = '{sub}'")), 0);

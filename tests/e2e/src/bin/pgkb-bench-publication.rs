@@ -11,8 +11,14 @@
 //! transaction of N rows: the time from the insert to the slot's confirmation, and the
 //! worker's peak memory, which `logical_decoding_work_mem` bounds whatever N.
 //!
+//! With `--snapshot`, one publication publishes the same N rows twice, measured side by
+//! side: first streaming them (N inserts of the 5-column rows, written while it is stopped,
+//! in transactions of 1,000, then published from the slot), then as a snapshot of the table
+//! that holds them (`kafka.snapshot`), with the worker's peak memory during the snapshot.
+//!
 //!   pgkb-bench-publication [CHANGES]                     (default 1000000)
 //!   pgkb-bench-publication --one-transaction [ROWS]      (default 1000000)
+//!   pgkb-bench-publication --snapshot [ROWS]             (default 1000000)
 
 use pg_kafka_bridge_e2e::memory::MemorySampler;
 use pg_kafka_bridge_e2e::*;
@@ -28,6 +34,7 @@ fn main() {
     let number = |arg: Option<&String>| arg.map(|s| s.parse().expect("a number of changes")).unwrap_or(1_000_000);
     match args.first().map(String::as_str) {
         Some("--one-transaction") => one_transaction(number(args.get(1))),
+        Some("--snapshot") => snapshot_against_streaming(number(args.get(1))),
         _ => against_pg_recvlogical(number(args.first())),
     }
 }
@@ -73,23 +80,22 @@ fn one_transaction(rows: i64) {
     pg.batch_execute(&format!("DROP TABLE {table}")).unwrap();
 }
 
-fn against_pg_recvlogical(changes: i64) {
-    let mut pg = pg();
-    let (table, name, recv_slot) = (unique("bench_pub"), unique("bench_pub"), unique("bench_recv"));
+/// Creates the 5-column table of the benchmarks.
+fn create_orders_table(pg: &mut postgres::Client, table: &str) {
     pg.batch_execute(&format!(
         "CREATE TABLE {table} (id bigint PRIMARY KEY, customer text, amount numeric(12,2), \
          created_at timestamptz, payload jsonb) WITH (autovacuum_enabled = false)"
     ))
     .unwrap();
-    create_publication(&mut pg, &name, &[&table], ", topic => 'bench.{table}'");
-    stop_publication(&mut pg, &name);
-    pg.batch_execute(&format!("SELECT pg_create_logical_replication_slot('{recv_slot}', 'test_decoding')")).unwrap();
+}
 
-    println!("writing {changes} row changes ({BIG_TRANSACTION} in one transaction, the rest {TRANSACTION} per transaction)...");
+/// Inserts `changes` 5-column rows: the first `first` in one transaction, the rest in
+/// transactions of 1,000. Returns the end of the WAL written.
+fn insert_orders(pg: &mut postgres::Client, table: &str, changes: i64, first: i64) -> String {
     let started = Instant::now();
     let mut next = 0i64;
     while next < changes {
-        let size = if next == 0 { BIG_TRANSACTION.min(changes) } else { TRANSACTION.min(changes - next) };
+        let size = if next == 0 { first.min(changes) } else { TRANSACTION.min(changes - next) };
         pg.batch_execute(&format!(
             "INSERT INTO {table} SELECT i, 'customer-' || (i % 1000), (i % 100000) / 100.0, \
              '2026-11-27 10:00:00+00'::timestamptz + i * interval '1 second', \
@@ -103,6 +109,81 @@ fn against_pg_recvlogical(changes: i64) {
     let end_lsn: String = pg.query_one("SELECT pg_current_wal_lsn()::text", &[]).unwrap().get(0);
     println!("  written in {:.1} s, WAL up to {end_lsn}", started.elapsed().as_secs_f64());
     pg.batch_execute("CHECKPOINT").unwrap();
+    end_lsn
+}
+
+fn snapshot_against_streaming(rows: i64) {
+    let mut pg = pg();
+    let (table, name) = (unique("bench_snap"), unique("bench_snap"));
+    create_orders_table(&mut pg, &table);
+    create_publication(&mut pg, &name, &[&table], ", topic => 'bench.{table}', snapshot => 'none'");
+    stop_publication(&mut pg, &name);
+    println!("writing {rows} rows in transactions of {TRANSACTION}...");
+    let end_lsn = insert_orders(&mut pg, &table, rows, TRANSACTION);
+
+    // Streaming: the publication publishes the inserts from its slot.
+    let started = Instant::now();
+    pg.batch_execute(&format!("SELECT kafka.start_publication('{name}')")).unwrap();
+    let done = format!(
+        "SELECT count(*) FROM kafka.publication_status WHERE publication = '{name}' AND confirmed_lsn >= '{end_lsn}'"
+    );
+    wait_for("the publication to publish the inserts", Duration::from_secs(900), || count(&mut pg, &done) == 1);
+    let stream_secs = started.elapsed().as_secs_f64();
+
+    // Snapshot: the same publication publishes the rows the table now holds.
+    let sampler = MemorySampler::start({
+        let name = name.clone();
+        move |pg| publication_worker_pids(pg, &name)
+    });
+    let requested = Instant::now();
+    pg.batch_execute(&format!("SELECT kafka.snapshot('{name}')")).unwrap();
+    let state =
+        format!("SELECT count(*) FROM kafka.publication_snapshots WHERE publication = '{name}' AND state = 'done'");
+    wait_for("the snapshot to complete", Duration::from_secs(900), || count(&mut pg, &state) == 1);
+    let request_secs = requested.elapsed().as_secs_f64();
+    let memory = sampler.stop();
+    let snapshot_secs: f64 = pg
+        .query_one(
+            "SELECT extract(epoch FROM finished_at - started_at)::float8 FROM kafka.publication_snapshots \
+              WHERE publication = $1",
+            &[&name],
+        )
+        .unwrap()
+        .get(0);
+
+    let rate = |secs: f64| rows as f64 / secs;
+    println!();
+    println!("rows: {rows} of 5 columns, the same rows streamed and snapshotted by one publication");
+    println!("streaming {rows} inserts (baseline):  {:>9.0} rows/s  ({stream_secs:.2} s)", rate(stream_secs));
+    println!(
+        "snapshot of the table:                {:>9.0} rows/s  ({snapshot_secs:.2} s; {request_secs:.2} s from the request)",
+        rate(snapshot_secs)
+    );
+    println!("ratio snapshot / streaming:           {:>9.2}", stream_secs / snapshot_secs);
+    println!(
+        "worker peak memory during the snapshot: {:.1} MB private (RssAnon), {:.1} MB RSS incl. shared buffers (VmHWM)",
+        memory.0, memory.1
+    );
+    let events = read_events_with_kcat(&format!("bench.{table}"), 2 * rows as usize, Duration::from_secs(600));
+    let reads: HashSet<i64> =
+        events.iter().filter(|e| e.op() == "r").filter_map(|e| e.after()["id"].as_i64()).collect();
+    let inserts = events.iter().filter(|e| e.op() == "c").count();
+    println!("events read back: {} ({inserts} inserts, {} distinct rows read)", events.len(), reads.len());
+    assert_eq!((events.len() as i64, reads.len() as i64), (2 * rows, rows), "every row once per way in Kafka");
+    drop_publication(&mut pg, &name);
+    pg.batch_execute(&format!("DROP TABLE {table}")).unwrap();
+}
+
+fn against_pg_recvlogical(changes: i64) {
+    let mut pg = pg();
+    let (table, name, recv_slot) = (unique("bench_pub"), unique("bench_pub"), unique("bench_recv"));
+    create_orders_table(&mut pg, &table);
+    create_publication(&mut pg, &name, &[&table], ", topic => 'bench.{table}'");
+    stop_publication(&mut pg, &name);
+    pg.batch_execute(&format!("SELECT pg_create_logical_replication_slot('{recv_slot}', 'test_decoding')")).unwrap();
+
+    println!("writing {changes} row changes ({BIG_TRANSACTION} in one transaction, the rest {TRANSACTION} per transaction)...");
+    let end_lsn = insert_orders(&mut pg, &table, changes, BIG_TRANSACTION);
 
     // Baseline: the same WAL decoded by pg_recvlogical with test_decoding, output discarded.
     let started = Instant::now();
