@@ -68,6 +68,7 @@ fn create_publication(
             .or_raise(),
     };
     validate(&publication).or_raise();
+    let snapshots = initial_snapshots(&publication, &publication.tables).or_raise();
     as_catalog_owner(|| {
         slots::lock_publication_catalog()?;
         if Publication::exists(name)? {
@@ -77,14 +78,30 @@ fn create_publication(
         // written anything yet.
         slots::create(&publication.slot_name)?;
         let id = publication.insert()?;
-        if publication.snapshot == SnapshotMode::Initial {
-            snapshot::request(id, &publication.tables)?;
-        }
-        Ok(())
+        snapshot::request(id, &snapshots)
     })
     .or_raise();
     launcher::wake_at_commit();
     super::warn_if_workers_run_elsewhere("publication", name);
+}
+
+/// The snapshots that publishing `tables` from now on starts with, if the publication's mode
+/// is 'initial': per table, whether it holds no row now (read as the caller, the owner).
+/// Such a table's snapshot is done at once: every row it gets from now on is a change that
+/// decoding publishes.
+fn initial_snapshots(publication: &Publication, tables: &[pg_sys::Oid]) -> Result<Vec<(pg_sys::Oid, bool)>> {
+    if publication.snapshot == SnapshotMode::None {
+        return Ok(Vec::new());
+    }
+    tables
+        .iter()
+        .map(|&table| {
+            let rows = crate::catalog::every_row_of(table)
+                .ok_or_else(|| BridgeError::UndefinedObject { kind: "table", name: format!("OID {table}") })?;
+            let empty = query_optional::<bool>(&format!("SELECT NOT EXISTS (SELECT FROM {rows})"), &[])?;
+            Ok((table, empty.unwrap_or(false)))
+        })
+        .collect()
 }
 
 fn validate(p: &Publication) -> Result<()> {
@@ -199,9 +216,7 @@ fn alter_publication(
         let dropped: Vec<pg_sys::Oid> =
             current.tables.iter().filter(|t| !altered.tables.contains(t)).copied().collect();
         snapshot::forget(altered.id, &dropped)?;
-        if altered.snapshot == SnapshotMode::Initial {
-            snapshot::request(altered.id, &added)?;
-        }
+        snapshot::request(altered.id, &initial_snapshots(&altered, &added)?)?;
         launcher::reload_at_commit(WorkerKind::Publication, altered.id);
         Ok(())
     })
@@ -230,8 +245,11 @@ fn request_snapshot(publication: &str, tables: default!(Option<Vec<pg_sys::Oid>>
                 tables
             }
         };
-        let existing: Vec<pg_sys::Oid> =
-            tables.into_iter().filter(|t| crate::catalog::qualified_table_name(*t).is_some()).collect();
+        let existing: Vec<(pg_sys::Oid, bool)> = tables
+            .into_iter()
+            .filter(|t| crate::catalog::qualified_table_name(*t).is_some())
+            .map(|t| (t, false))
+            .collect();
         snapshot::request(p.id, &existing)
     })
     .or_raise();

@@ -372,3 +372,13 @@ pub(crate) fn qualified_table_name(relid: pg_sys::Oid) -> Option<String> {
         Some(format!("{}.{}", quote(schema), quote(table)))
     }
 }
+
+/// What a query names in FROM to read every row of table `relid`: the table alone (`ONLY`,
+/// not the tables that inherit from it), or a partitioned table with its partitions; `None`
+/// if the table no longer exists.
+pub(crate) fn every_row_of(relid: pg_sys::Oid) -> Option<String> {
+    let name = qualified_table_name(relid)?;
+    // SAFETY: a syscache lookup by OID inside a transaction.
+    let relkind = unsafe { pg_sys::get_rel_relkind(relid) } as u8;
+    Some(if relkind == pg_sys::RELKIND_PARTITIONED_TABLE { name } else { format!("ONLY {name}") })
+}

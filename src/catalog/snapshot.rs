@@ -16,18 +16,22 @@ pub(crate) struct SnapshotTask {
     pub(crate) run: i32,
 }
 
-/// Requests a new run for each of `tables` (pending until the worker gets to it).
-pub(crate) fn request(publication_id: i32, tables: &[pg_sys::Oid]) -> Result<()> {
+/// Requests a new run for each of `tables` (pending until the worker gets to it); a table
+/// known to hold no row gets a run that is done already.
+pub(crate) fn request(publication_id: i32, tables: &[(pg_sys::Oid, bool)]) -> Result<()> {
     Spi::connect_mut(|client| {
-        for table in tables {
+        for (table, empty) in tables {
+            let state = if *empty { "done" } else { "pending" };
             client.update(
-                "INSERT INTO kafka.snapshot_catalog (publication_id, table_oid, run, state) \
-                 VALUES ($1, $2, 1, 'pending') \
+                "INSERT INTO kafka.snapshot_catalog (publication_id, table_oid, run, state, started_at, finished_at) \
+                 VALUES ($1, $2, 1, $3, CASE WHEN $3 = 'done' THEN pg_catalog.now() END, \
+                         CASE WHEN $3 = 'done' THEN pg_catalog.now() END) \
                  ON CONFLICT (publication_id, table_oid) DO UPDATE \
-                    SET run = kafka.snapshot_catalog.run OPERATOR(pg_catalog.+) 1, state = 'pending', rows = 0, \
-                        requested_at = pg_catalog.now(), started_at = NULL, finished_at = NULL",
+                    SET run = kafka.snapshot_catalog.run OPERATOR(pg_catalog.+) 1, state = EXCLUDED.state, rows = 0, \
+                        requested_at = pg_catalog.now(), started_at = EXCLUDED.started_at, \
+                        finished_at = EXCLUDED.finished_at",
                 None,
-                &[publication_id.into(), (*table).into()],
+                &[publication_id.into(), (*table).into(), state.into()],
             )?;
         }
         Ok(())

@@ -125,8 +125,11 @@ impl PublicationWorker {
                 }
                 Err(e) => return self.after_failure(p, e),
             };
+            // The next snapshot chunk is read while the producer delivers the previous one.
+            snapshotter.step(&mut decoder)?;
+            let p = decoder.sink::<Publisher>();
             let mut progressed = caught_up;
-            let chunk_to_commit = p.snapshot_cursors().1;
+            let chunk_to_commit = p.snapshot_cursor().1;
             if p.has_open_transaction()
                 && (caught_up || chunk_to_commit || p.open_transaction_age() >= MAX_KAFKA_TRANSACTION_AGE)
             {
@@ -155,7 +158,6 @@ impl PublicationWorker {
             if progressed {
                 backoff.reset();
             }
-            snapshotter.step(&mut decoder)?;
             if caught_up && !snapshotter.busy() {
                 worker::sleep(IDLE_WAIT);
             }
@@ -218,8 +220,8 @@ impl WindowHost for Decoder {
         Decoder::window(self)
     }
 
-    fn committed_cursor(&mut self) -> (Option<SnapshotCursor>, bool) {
-        self.sink::<Publisher>().snapshot_cursors()
+    fn snapshot_cursor(&mut self) -> (Option<SnapshotCursor>, bool) {
+        self.sink::<Publisher>().snapshot_cursor()
     }
 }
 

@@ -280,10 +280,13 @@ impl Publisher {
         self.snapshot_open = None;
     }
 
-    /// The snapshot cursor of the last committed progress record, and whether the open
-    /// Kafka transaction holds a snapshot chunk (to commit as soon as it can).
-    pub(crate) fn snapshot_cursors(&self) -> (Option<SnapshotCursor>, bool) {
-        (self.snapshot_committed.clone(), self.snapshot_open.is_some())
+    /// The snapshot cursor after the last chunk handed to Kafka, and whether the open Kafka
+    /// transaction holds that chunk (it is then to be committed as soon as it can).
+    pub(crate) fn snapshot_cursor(&self) -> (Option<SnapshotCursor>, bool) {
+        match &self.snapshot_open {
+            Some(open) => (Some(open.clone()), true),
+            None => (self.snapshot_committed.clone(), false),
+        }
     }
 
     pub(crate) fn has_open_transaction(&self) -> bool {

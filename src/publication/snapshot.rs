@@ -154,9 +154,9 @@ impl Window {
 /// What the snapshot driver needs of the decoding side.
 pub(crate) trait WindowHost {
     fn window(&mut self) -> &mut Option<Window>;
-    /// The snapshot cursor of the last committed Kafka transaction, and whether one with
-    /// a newer cursor is open.
-    fn committed_cursor(&mut self) -> (Option<SnapshotCursor>, bool);
+    /// The snapshot cursor after the last chunk handed to Kafka, and whether the Kafka
+    /// transaction holding that chunk is still open.
+    fn snapshot_cursor(&mut self) -> (Option<SnapshotCursor>, bool);
 }
 
 /// The worker's side of snapshots: takes the requested runs one at a time, and reads the
@@ -206,15 +206,17 @@ impl Snapshotter {
         if window.is_none_or(|w| !w.open || w.chunk.is_some()) {
             return Ok(());
         }
-        let (committed, newer_open) = host.committed_cursor();
+        let (latest, open) = host.snapshot_cursor();
         let Some(cursor) = self.cursor.clone() else {
             return Ok(());
         };
-        if newer_open || committed.as_ref().is_some_and(|c| c.is_of(task) && c.rows < cursor.rows) {
+        // The next chunk is read after the last one handed to Kafka, even before that one's
+        // transaction commits: if it fails, the session ends, and with it this chunk too.
+        let cursor = latest.filter(|c| c.is_of(task)).unwrap_or(cursor);
+        if cursor.done && open {
+            // The run is done once its last chunk is committed, not before.
             return Ok(());
         }
-        // The previous chunk is in Kafka (or there was none): its cursor is the committed one.
-        let cursor = committed.filter(|c| c.is_of(task)).unwrap_or(cursor);
         if cursor.done {
             crate::worker::transaction(|| queue::finish(self.publication_id, task, cursor.rows))?;
             log!(
@@ -256,7 +258,8 @@ impl Snapshotter {
         let Some(task) = crate::worker::transaction(|| queue::next_task(self.publication_id))? else {
             return Ok(());
         };
-        let (committed, _) = host.committed_cursor();
+        // At a session's start nothing is open: this is the committed cursor.
+        let (committed, _) = host.snapshot_cursor();
         let cursor = committed.filter(|c| c.is_of(task)).unwrap_or(SnapshotCursor {
             table: u32::from(task.table),
             run: task.run,
@@ -359,10 +362,9 @@ fn read_chunk(
         return Err(BridgeError::NotInPrerequisiteState(format!("{name} has no key to read it in order")));
     }
     let list = keys.iter().map(|(k, _)| spi::quote_identifier(k)).collect::<Vec<_>>().join(", ");
-    // SAFETY: a catalog lookup by OID inside a transaction.
-    let partitioned = unsafe { pg_sys::get_rel_relkind(table) } as u8 == pg_sys::RELKIND_PARTITIONED_TABLE;
     // A partitioned table is read through: its partitions' rows are its rows.
-    let mut sql = format!("SELECT * FROM {} {name}", if partitioned { "" } else { "ONLY" });
+    let rows = crate::catalog::every_row_of(table).unwrap_or_else(|| format!("ONLY {name}"));
+    let mut sql = format!("SELECT * FROM {rows}");
     if cursor.after.is_some() {
         let params =
             keys.iter().enumerate().map(|(i, (_, t))| format!("${}::{t}", i + 1)).collect::<Vec<_>>().join(", ");
