@@ -25,7 +25,14 @@ trap 'bash scripts/broker.sh stop' EXIT
 if [ "$what" = publication ]; then
   cargo run --quiet --profile e2e -p pg_kafka_bridge_e2e --bin pgkb-bench-publication -- "${1:-1000000}"
 elif [ "$what" = snapshot ]; then
-  cargo run --quiet --profile e2e -p pg_kafka_bridge_e2e --bin pgkb-bench-publication -- --snapshot "${1:-1000000}"
+  # The snapshot phase publishes to an empty broker of its own (see the benchmark).
+  second=(env PGKB_LOCAL_BROKER=127.0.0.1:19095 KAFKA_BROKERS=127.0.0.1:19095 PGKB_BROKER_DIR="$PGKB_STATE/bench-broker-2")
+  "${second[@]}" bash scripts/broker.sh stop
+  rm -rf "$PGKB_STATE/bench-broker-2"
+  "${second[@]}" bash scripts/broker.sh start
+  trap 'bash scripts/broker.sh stop; "${second[@]}" bash scripts/broker.sh stop' EXIT
+  PGKB_SECOND_BROKERS=127.0.0.1:19095 cargo run --quiet --profile e2e -p pg_kafka_bridge_e2e \
+    --bin pgkb-bench-publication -- --snapshot "${1:-1000000}"
 elif [ "$what" = transaction ]; then
   cargo run --quiet --profile e2e -p pg_kafka_bridge_e2e --bin pgkb-bench-publication -- --one-transaction "${1:-1000000}"
 else

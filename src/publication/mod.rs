@@ -129,10 +129,7 @@ impl PublicationWorker {
             snapshotter.step(&mut decoder)?;
             let p = decoder.sink::<Publisher>();
             let mut progressed = caught_up;
-            let chunk_to_commit = p.snapshot_cursor().1;
-            if p.has_open_transaction()
-                && (caught_up || chunk_to_commit || p.open_transaction_age() >= MAX_KAFKA_TRANSACTION_AGE)
-            {
+            if p.has_open_transaction() && (caught_up || p.open_transaction_age() >= MAX_KAFKA_TRANSACTION_AGE) {
                 if let Err(e) = p.commit_transaction() {
                     return self.after_failure(p, e);
                 }

@@ -15,6 +15,9 @@
 //! side: first streaming them (N inserts of the 5-column rows, written while it is stopped,
 //! in transactions of 1,000, then published from the slot), then as a snapshot of the table
 //! that holds them (`kafka.snapshot`), with the worker's peak memory during the snapshot.
+//! Each phase publishes to an empty broker of its own (the publication is altered to the
+//! second, `PGKB_SECOND_BROKERS`, in between): the local broker rewrites its whole store
+//! every few seconds, so a phase that came second would compete with a larger store.
 //!
 //!   pgkb-bench-publication [CHANGES]                     (default 1000000)
 //!   pgkb-bench-publication --one-transaction [ROWS]      (default 1000000)
@@ -131,6 +134,8 @@ fn snapshot_against_streaming(rows: i64) {
     let stream_secs = started.elapsed().as_secs_f64();
 
     // Snapshot: the same publication publishes the rows the table now holds.
+    let second = std::env::var("PGKB_SECOND_BROKERS").expect("PGKB_SECOND_BROKERS: the second phase's broker");
+    pg.batch_execute(&format!("SELECT kafka.alter_publication('{name}', brokers => '{second}')")).unwrap();
     let sampler = MemorySampler::start({
         let name = name.clone();
         move |pg| publication_worker_pids(pg, &name)
@@ -164,14 +169,44 @@ fn snapshot_against_streaming(rows: i64) {
         "worker peak memory during the snapshot: {:.1} MB private (RssAnon), {:.1} MB RSS incl. shared buffers (VmHWM)",
         memory.0, memory.1
     );
-    let events = read_events_with_kcat(&format!("bench.{table}"), 2 * rows as usize, Duration::from_secs(600));
-    let reads: HashSet<i64> =
-        events.iter().filter(|e| e.op() == "r").filter_map(|e| e.after()["id"].as_i64()).collect();
-    let inserts = events.iter().filter(|e| e.op() == "c").count();
-    println!("events read back: {} ({inserts} inserts, {} distinct rows read)", events.len(), reads.len());
-    assert_eq!((events.len() as i64, reads.len() as i64), (2 * rows, rows), "every row once per way in Kafka");
+    // Everything is committed: the snapshot is done only once its last chunk is.
+    let (streamed, inserts, _) = tally_events(&brokers(), &format!("bench.{table}"));
+    let (snapshotted, _, reads) = tally_events(&second, &format!("bench.{table}"));
+    println!(
+        "events read back: {streamed} ({inserts} inserts), then {snapshotted} ({} distinct rows read)",
+        reads.len()
+    );
+    assert_eq!((streamed as i64, inserts as i64), (rows, rows), "every insert once in Kafka");
+    assert_eq!((snapshotted as i64, reads.len() as i64), (rows, rows), "every row read once in Kafka");
     drop_publication(&mut pg, &name);
     pg.batch_execute(&format!("DROP TABLE {table}")).unwrap();
+}
+
+/// Reads a single-partition topic with kcat as its output comes (millions of events are not
+/// held in memory): the number of events, of inserts, and the ids of the rows read.
+fn tally_events(brokers: &str, topic: &str) -> (usize, usize, HashSet<i64>) {
+    use std::io::BufRead;
+    let mut child = Command::new("kcat")
+        .args(["-C", "-b", brokers, "-t", topic, "-p", "0", "-o", "beginning", "-e", "-q"])
+        .args(["-X", "isolation.level=read_committed", "-X", "receive.message.max.bytes=2000000000"])
+        .args(["-f", "%k\t%s\n"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kcat");
+    let (mut events, mut inserts, mut reads) = (0, 0, HashSet::new());
+    for line in std::io::BufReader::new(child.stdout.take().expect("kcat's output")).lines() {
+        let line = line.expect("a line of kcat's output");
+        let (key, value) = line.split_once('\t').unwrap_or((&line, ""));
+        events += 1;
+        if value.starts_with(r#"{"op":"c""#) {
+            inserts += 1;
+        } else if value.starts_with(r#"{"op":"r""#) {
+            let key: serde_json::Value = serde_json::from_str(key).expect("a JSON key");
+            reads.insert(key["id"].as_i64().expect("an id"));
+        }
+    }
+    child.wait().expect("kcat ends");
+    (events, inserts, reads)
 }
 
 fn against_pg_recvlogical(changes: i64) {
