@@ -160,7 +160,7 @@ pub(crate) trait WindowHost {
 }
 
 /// The worker's side of snapshots: takes the requested runs one at a time, and reads the
-/// next chunk of the current one once the previous chunk is in Kafka.
+/// next chunk of the current one once the previous chunk was handed to Kafka.
 pub(crate) struct Snapshotter {
     publication_id: i32,
     owner: pg_sys::Oid,
@@ -258,7 +258,7 @@ impl Snapshotter {
         let Some(task) = crate::worker::transaction(|| queue::next_task(self.publication_id))? else {
             return Ok(());
         };
-        // At a session's start nothing is open: this is the committed cursor.
+        // A run that an earlier session began goes on after its committed cursor.
         let (committed, _) = host.snapshot_cursor();
         let cursor = committed.filter(|c| c.is_of(task)).unwrap_or(SnapshotCursor {
             table: u32::from(task.table),
