@@ -215,7 +215,8 @@ fn kill_minus_nine_and_immediate_stops_during_a_snapshot_publish_each_row_once()
     let mut history = Vec::new();
     let mut rows_at_last_crash = 0;
     let crashes = plan.kills + plan.server_stops;
-    for crash in 0..crashes {
+    let mut crash = 0;
+    while crash < crashes {
         // A crash lands in flight: the snapshot is running and has published more since
         // the previous one.
         let deadline = Instant::now() + Duration::from_secs(180);
@@ -235,17 +236,21 @@ fn kill_minus_nine_and_immediate_stops_during_a_snapshot_publish_each_row_once()
             assert!(Instant::now() < deadline, "no snapshot progress before crash {crash}");
             std::thread::sleep(Duration::from_millis(rng.below(50)));
         };
-        rows_at_last_crash = rows;
         if crash < plan.kills {
+            // The worker may have exited between the look and the kill: that one is not a crash.
             let killed = Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success();
-            assert!(killed);
-            history.push(format!("kill -9 {pid} at {rows} rows"));
+            history.push(format!("kill -9 {pid} at {rows} rows: {killed}"));
+            if !killed {
+                continue;
+            }
         } else {
             script("cluster", &["kill"]);
             script("cluster", &["start"]);
             pg = pg_kafka_bridge_e2e::pg();
             history.push(format!("immediate stop at {rows} rows"));
         }
+        rows_at_last_crash = rows;
+        crash += 1;
     }
     println!("{}", history.join("\n"));
     let rows = wait_for_snapshot_done(&name, &table, Duration::from_secs(600));
@@ -260,7 +265,7 @@ fn kill_minus_nine_and_immediate_stops_during_a_snapshot_publish_each_row_once()
 fn snapshot_of_one_table_while_others_stream() {
     let mut pg = pg();
     let (big, small, name, prefix) = (unique("snapbig"), unique("snapsmall"), unique("pub"), unique("snapl"));
-    create_filled_table(&mut pg, &big, 300_000);
+    create_filled_table(&mut pg, &big, 100_000);
     create_filled_table(&mut pg, &small, 10);
     create_publication(
         &mut pg,
@@ -272,7 +277,9 @@ fn snapshot_of_one_table_while_others_stream() {
         publication_status(&mut pg, &name).contains("running")
     });
     assert!(snapshot_state(&mut pg, &name, &big).is_none(), "snapshot 'none' requested a snapshot");
-    set_chunk_rows(&mut pg, Some(1_000));
+    // The smallest chunks: a snapshot of 1,000 chunks, long enough to change something in
+    // the middle of it.
+    set_chunk_rows(&mut pg, Some(100));
     pg.batch_execute(&format!("SELECT kafka.snapshot('{name}', ARRAY['{big}']::regclass[])")).unwrap();
     wait_for("the snapshot to run", Duration::from_secs(60), || {
         snapshot_state(&mut pg, &name, &big).is_some_and(|(state, rows)| state == "running" && rows > 0)
@@ -287,26 +294,31 @@ fn snapshot_of_one_table_while_others_stream() {
     let committed_at = Instant::now();
     pg.batch_execute(&format!("INSERT INTO {small} VALUES (1000, 1, 'live')")).unwrap();
     let small_topic = format!("{prefix}.{small}");
-    loop {
+    let live = loop {
         let events = read_events_with_kcat(&small_topic, 1, Duration::from_secs(1));
-        if events.iter().any(|e| e.after()["id"] == 1000) {
-            break;
+        if let Some(live) = events.iter().find(|e| e.after()["id"] == 1000) {
+            break live.clone();
         }
         assert!(committed_at.elapsed() < Duration::from_secs(5), "a live change waited for the snapshot");
-    }
-    let latency = committed_at.elapsed();
-    let (state, rows) = snapshot_state(&mut pg, &name, &big).unwrap();
-    println!("live change published after {latency:?}, snapshot {state} at {rows} rows");
-    assert_eq!(state, "running", "the snapshot should still be running when the live change is out");
+    };
+    println!("live change published after {:?}", committed_at.elapsed());
 
     let rows = wait_for_snapshot_done(&name, &big, Duration::from_secs(300));
     set_chunk_rows(&mut pg, None);
-    assert_eq!(rows, 300_000);
-    let events = read_events_with_kcat(&format!("{prefix}.{big}"), 300_000, Duration::from_secs(120));
+    assert_eq!(rows, 100_000);
+    let events = read_events_with_kcat(&format!("{prefix}.{big}"), 100_000, Duration::from_secs(120));
     let ids: HashSet<i64> =
         events.iter().filter(|e| e.op() == "r").map(|e| e.after()["id"].as_i64().unwrap()).collect();
-    assert_eq!(events.len(), 300_000, "one event per row of the big table");
-    assert_eq!(ids.len(), 300_000);
+    assert_eq!(events.len(), 100_000, "one event per row of the big table");
+    assert_eq!(ids.len(), 100_000);
+    // Positions order all events of a publication: the live change came out in the middle
+    // of the snapshot, not after it.
+    let (first_read, last_read) = (events[0].position(), events[events.len() - 1].position());
+    assert!(
+        first_read < live.position() && live.position() < last_read,
+        "the live change at {:?} is not inside the snapshot ({first_read:?} to {last_read:?})",
+        live.position()
+    );
     // The small table was not asked for: only its live change is in its topic.
     assert_eq!(read_events_with_kcat(&small_topic, 1, Duration::from_secs(5)).len(), 1);
 
@@ -322,8 +334,8 @@ fn snapshot_of_one_table_while_others_stream() {
     assert_eq!(run, 2);
     wait_for_snapshot_done(&name, &big, Duration::from_secs(300));
     wait_for_snapshot_done(&name, &small, Duration::from_secs(60));
-    let events = read_events_with_kcat(&format!("{prefix}.{big}"), 600_000, Duration::from_secs(120));
-    assert_eq!(events.len(), 600_000, "two runs, each row once per run");
+    let events = read_events_with_kcat(&format!("{prefix}.{big}"), 200_000, Duration::from_secs(120));
+    assert_eq!(events.len(), 200_000, "two runs, each row once per run");
     drop_publication(&mut pg, &name);
 }
 
@@ -370,10 +382,10 @@ fn tables_added_later_are_snapshotted_and_bad_requests_are_refused() {
 fn snapshot_of_wide_rows_keeps_the_worker_small() {
     let mut pg = pg();
     let (table, name, prefix) = (unique("snapwide"), unique("pub"), unique("snapw"));
-    // 1,500 rows of 200 kB: 300 MB of events.
+    // 700 rows of 200 kB: 140 MB of events, more than the worker may use.
     pg.batch_execute(&format!(
         "CREATE TABLE {table} (id bigint PRIMARY KEY, version bigint NOT NULL, pad text);
-         INSERT INTO {table} SELECT g, 1, repeat(md5(g::text), 6250) FROM generate_series(1, 1500) g;"
+         INSERT INTO {table} SELECT g, 1, repeat(md5(g::text), 6250) FROM generate_series(1, 700) g;"
     ))
     .unwrap();
     let sampler = {
@@ -384,11 +396,11 @@ fn snapshot_of_wide_rows_keeps_the_worker_small() {
     let rows = wait_for_snapshot_done(&name, &table, Duration::from_secs(300));
     let (peak_anon, peak_total) = sampler.stop();
     println!("wide snapshot: {rows} rows; worker peak {peak_anon:.1} MB private, {peak_total:.1} MB total");
-    assert_eq!(rows, 1_500);
+    assert_eq!(rows, 700);
     assert!(peak_anon > 0.0, "the worker's memory was never sampled");
     assert!(peak_anon < 128.0, "worker used {peak_anon:.1} MB during a snapshot of wide rows");
-    let events = read_events_with_kcat(&format!("{prefix}.{table}"), 1_500, Duration::from_secs(120));
-    assert_eq!(events.len(), 1_500);
+    let events = read_events_with_kcat(&format!("{prefix}.{table}"), 700, Duration::from_secs(120));
+    assert_eq!(events.len(), 700);
     assert!(events.iter().all(|e| e.after()["pad"].as_str().is_some_and(|p| p.len() == 200_000)));
     drop_publication(&mut pg, &name);
 }

@@ -20,7 +20,9 @@ impl Drop for BrokerRestarter {
 }
 
 /// The broker stops while the worker is still applying what it fetched (a trigger slows
-/// every row down), and starts again; messages produced before and after all land once.
+/// every row down until the broker is down: the broker saves its whole store when it stops,
+/// which takes longer the more earlier tests wrote), and starts again; messages produced
+/// before and after all land once.
 #[test]
 fn broker_restart_mid_stream_loses_and_duplicates_nothing() {
     if !local_broker() {
@@ -31,7 +33,7 @@ fn broker_restart_mid_stream_loses_and_duplicates_nothing() {
     let (topic, table, sub) = topic_and_table(&mut pg, "brk", 2, "id bigint");
     pg.batch_execute(&format!(
         "CREATE FUNCTION public.{table}_slow() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN PERFORM pg_catalog.pg_sleep(0.01); RETURN NEW; END $$;
+         BEGIN PERFORM pg_catalog.pg_sleep(0.05); RETURN NEW; END $$;
          CREATE TRIGGER slow BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION public.{table}_slow();"
     ))
     .unwrap();
@@ -48,6 +50,7 @@ fn broker_restart_mid_stream_loses_and_duplicates_nothing() {
     let applied_when_stopped = count(&mut pg, &format!("SELECT count(*) FROM {table}"));
     println!("broker stopped with {applied_when_stopped} of 2000 rows applied");
     assert!(applied_when_stopped < 2000, "the broker must stop while the stream is being applied");
+    pg.batch_execute(&format!("DROP TRIGGER slow ON {table}")).unwrap();
     wait_for("the status view to show the broker is down", WAIT, || {
         last_error(&mut pg, &sub).is_some_and(|e| e.contains("Kafka"))
     });
