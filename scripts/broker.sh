@@ -38,9 +38,10 @@ stop() {
     # A broker of this folder whose pid file is gone (its folder was removed under it).
     pid=$(pgrep -f -- "--data-dir $dir/data" | head -1) || return 0
   fi
-  # SIGINT is the broker's graceful stop: it saves its data first.
+  # SIGINT is the broker's graceful stop: it saves its data first, as one file, which takes
+  # a while once tests have written a few hundred MB; killed sooner, it loses data.
   kill -INT "$pid"
-  for _ in $(seq 1 300); do
+  for _ in $(seq 1 1800); do
     kill -0 "$pid" 2>/dev/null || { rm -f "$pidfile"; return 0; }
     sleep 0.1
   done
