@@ -6,7 +6,6 @@
 use pg_kafka_bridge_e2e::*;
 use postgres::{Client, NoTls};
 use serde_json::json;
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(90);
