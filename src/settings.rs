@@ -93,7 +93,7 @@ pub(crate) fn define() {
     GucRegistry::define_int_guc(
         c"pg_kafka_bridge.snapshot_chunk_rows",
         c"Most rows a publication's snapshot reads in one chunk (one short transaction).",
-        c"Chunks of wide rows stop earlier, at 16 MB of events.",
+        c"Chunks of wide rows stop earlier, at 8 MB of events.",
         &SNAPSHOT_CHUNK_ROWS,
         100,
         1_000_000,

@@ -31,8 +31,9 @@ use std::time::{Duration, Instant};
 
 /// Prefix of the watermark messages.
 pub(crate) const MARK_PREFIX: &std::ffi::CStr = c"pg_kafka_bridge.snapshot";
-/// Most bytes of events in one chunk: wide rows make smaller chunks.
-const CHUNK_BYTES: usize = 16 << 20;
+/// Most bytes of events in one chunk: wide rows make smaller chunks. (A chunk is read while
+/// the producer still holds the previous one.)
+const CHUNK_BYTES: usize = 8 << 20;
 /// Rows fetched from the cursor at a time.
 const FETCH_ROWS: i64 = 200;
 /// How often a publication without a snapshot to take looks for a new request.
@@ -410,8 +411,8 @@ unsafe fn fetch_rows(
         true,
         0,
     );
-    // Per-fetch memory: the output functions' text of a batch of rows.
-    let batch_context = pg_sys::AllocSetContextCreateInternal(
+    // Per-row memory: the values fetched from TOAST and the output functions' text.
+    let row_context = pg_sys::AllocSetContextCreateInternal(
         pg_sys::CurrentMemoryContext,
         c"pg_kafka_bridge snapshot".as_ptr(),
         pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
@@ -443,10 +444,11 @@ unsafe fn fetch_rows(
                 pg_sys::SPI_fnumber(tupdesc, k.as_ptr())
             })
             .collect();
-        let previous = pg_sys::MemoryContextSwitchTo(batch_context);
+        let previous = pg_sys::MemoryContextSwitchTo(row_context);
         for i in 0..fetched {
             let tuple = *(*tuptable).vals.add(i);
             writer.row_change_head(tupdesc, info, Op::Read, None, Some(tuple));
+            pg_sys::MemoryContextReset(row_context);
             bytes += writer.key.len() + writer.value.len();
             rows.push(ChunkRow { key: writer.key.clone(), head: writer.value.clone() });
             if i + 1 == fetched {
@@ -466,7 +468,6 @@ unsafe fn fetch_rows(
             }
         }
         pg_sys::MemoryContextSwitchTo(previous);
-        pg_sys::MemoryContextReset(batch_context);
         pg_sys::SPI_freetuptable(tuptable);
         if (fetched as i64) < want {
             exhausted = true;
@@ -479,7 +480,7 @@ unsafe fn fetch_rows(
         super::events::render_topic(template, &schema, &name)
     });
     pg_sys::relation_close(relation, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-    pg_sys::MemoryContextDelete(batch_context);
+    pg_sys::MemoryContextDelete(row_context);
     pg_sys::SPI_cursor_close(portal);
     pg_sys::SPI_finish();
     Ok(Chunk { mark, topic, rows, cursor: SnapshotCursor { after: last_key, done: exhausted, ..cursor.clone() } })

@@ -541,33 +541,36 @@ pub fn published_ids(topic: &str, expected: usize, timeout: Duration) -> std::co
 /// without newlines (change events are). Waits until at least `expected` messages are there,
 /// then reads once more to catch any beyond.
 pub fn read_events_with_kcat(topic: &str, expected: usize, timeout: Duration) -> Vec<Event> {
-    let read = || -> Vec<Event> {
-        let output = Command::new("kcat")
-            .args(["-C", "-b", &brokers(), "-t", topic, "-p", "0", "-o", "beginning", "-e", "-q"])
-            // The local broker answers a fetch with the whole rest of the topic.
-            .args(["-X", "isolation.level=read_committed", "-X", "receive.message.max.bytes=2000000000"])
-            .args(["-f", "%k\t%s\n"])
-            .output()
-            .expect("run kcat");
-        String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .map(|line| {
-                let (key, value) = line.split_once('\t').unwrap_or((line, ""));
-                Event {
-                    key: serde_json::from_str(key).ok(),
-                    value: serde_json::from_str(value).ok(),
-                    raw_value: Some(value.as_bytes().to_vec()),
-                }
-            })
-            .collect()
-    };
     let deadline = Instant::now() + timeout;
     loop {
-        let events = read();
+        let events = read_events_once(topic);
         if events.len() >= expected || Instant::now() > deadline {
             std::thread::sleep(Duration::from_secs(3));
-            return read();
+            return read_events_once(topic);
         }
         std::thread::sleep(Duration::from_secs(2));
     }
+}
+
+/// Every committed message of a single-partition topic at this moment, read once by kcat
+/// (see [`read_events_with_kcat`]).
+pub fn read_events_once(topic: &str) -> Vec<Event> {
+    let output = Command::new("kcat")
+        .args(["-C", "-b", &brokers(), "-t", topic, "-p", "0", "-o", "beginning", "-e", "-q"])
+        // The local broker answers a fetch with the whole rest of the topic.
+        .args(["-X", "isolation.level=read_committed", "-X", "receive.message.max.bytes=2000000000"])
+        .args(["-f", "%k\t%s\n"])
+        .output()
+        .expect("run kcat");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| {
+            let (key, value) = line.split_once('\t').unwrap_or((line, ""));
+            Event {
+                key: serde_json::from_str(key).ok(),
+                value: serde_json::from_str(value).ok(),
+                raw_value: Some(value.as_bytes().to_vec()),
+            }
+        })
+        .collect()
 }
