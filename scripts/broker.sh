@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts or stops the local Kafka-protocol broker (noida-db) that the demo and the tests use.
-#   broker.sh start | stop | restart | status
+#   broker.sh start | stop | restart | reset | status
+# reset kills the broker without saving, removes its data and starts it empty (benchmarks).
 # With KAFKA_BROKERS pointing elsewhere (a real Kafka cluster), it does nothing.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
@@ -49,6 +50,17 @@ stop() {
   rm -f "$pidfile"
 }
 
+reset() {
+  local pid
+  pid=$(pgrep -f -- "--data-dir $dir/data" | head -1) || true
+  if [ -n "$pid" ]; then
+    kill -KILL "$pid"
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+  fi
+  rm -rf "$dir"
+  start
+}
+
 if [ "$KAFKA_BROKERS" != "$PGKB_LOCAL_BROKER" ]; then
   exit 0
 fi
@@ -56,6 +68,7 @@ case "${1:-}" in
   start) start ;;
   stop) stop ;;
   restart) stop; start ;;
+  reset) reset ;;
   status) running && echo "running (pid $(cat "$pidfile"))" || { echo stopped; exit 3; } ;;
-  *) echo "usage: $0 start|stop|restart|status" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|restart|reset|status" >&2; exit 2 ;;
 esac

@@ -113,6 +113,7 @@ impl SubscriptionWorker {
             batch_size: subscription.batch_size as usize,
             batch_timeout: Duration::from_millis(subscription.batch_timeout_ms as u64),
             stop: Arc::new(AtomicBool::new(false)),
+            main_waiting: Arc::new(AtomicBool::new(false)),
         });
         let mut next_refresh = Instant::now() + settings::metadata_refresh();
         let mut meter = RateMeter::default();

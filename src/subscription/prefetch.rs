@@ -17,6 +17,14 @@ use std::time::{Duration, Instant};
 
 /// Longest a single poll blocks, so that a stop request is seen promptly.
 const POLL_SLICE: Duration = Duration::from_millis(100);
+/// While a batch is open, polls block at most this long, so that the batch goes as soon as
+/// the main thread waits for it.
+const OPEN_BATCH_POLL_SLICE: Duration = Duration::from_millis(2);
+/// A batch goes before it is full or its `batch_timeout` has passed once nothing more is
+/// queued and the main thread waits for it, but not before it is this old: at low rates this
+/// bounds the transactions per second, at high rates batches fill while the main thread
+/// applies the previous one.
+const IDLE_APPLIER_LINGER: Duration = Duration::from_millis(5);
 /// A batch also ends once its messages hold this many bytes, so that large messages do not
 /// make the batches in flight (one applied, one waiting, one being read) outgrow a worker's
 /// memory bound.
@@ -88,6 +96,8 @@ fn stash(data: &mut Vec<u8>, bytes: Option<&[u8]>) -> Option<Range<usize>> {
 pub(crate) struct Prefetcher {
     batches: Option<Receiver<Result<Batch>>>,
     stop: Arc<AtomicBool>,
+    /// Set while the main thread waits for a batch.
+    main_waiting: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -95,6 +105,7 @@ impl Prefetcher {
     pub(crate) fn start(reader: BatchReader) -> Prefetcher {
         let (sender, batches) = sync_channel(1);
         let stop = reader.stop.clone();
+        let main_waiting = reader.main_waiting.clone();
         // The thread starts with every signal blocked, so that PostgreSQL's handlers (SIGTERM,
         // SIGHUP, latches) only ever run on the main thread.
         // SAFETY: sigset_t is a plain C struct of integers, for which all zeroes is a valid
@@ -121,12 +132,15 @@ impl Prefetcher {
         // looking at the outcome, so that a failed spawn leaves the worker's signals working.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut()) };
         let thread = spawned.expect("spawn the prefetch thread");
-        Prefetcher { batches: Some(batches), stop, thread: Some(thread) }
+        Prefetcher { batches: Some(batches), stop, main_waiting, thread: Some(thread) }
     }
 
     /// The next batch (possibly empty), or `None` if none is ready within `timeout`.
     pub(crate) fn next(&self, timeout: Duration) -> Option<Result<Batch>> {
-        match self.batches.as_ref()?.recv_timeout(timeout) {
+        self.main_waiting.store(true, Ordering::Relaxed);
+        let received = self.batches.as_ref()?.recv_timeout(timeout);
+        self.main_waiting.store(false, Ordering::Relaxed);
+        match received {
             Ok(batch) => Some(batch),
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => {
@@ -155,44 +169,59 @@ pub(crate) struct BatchReader {
     pub(crate) batch_size: usize,
     pub(crate) batch_timeout: Duration,
     pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) main_waiting: Arc<AtomicBool>,
 }
 
 impl BatchReader {
     /// Polls up to `batch_size` messages and encodes them. Returns an empty batch after a
     /// short wait if none come; once the first message is in, waits at most `batch_timeout`
-    /// for the batch to fill.
+    /// for the batch to fill, and less when the main thread is idle (see
+    /// [`IDLE_APPLIER_LINGER`]).
     fn read_batch(&self) -> Result<Batch> {
         let wants_headers = self.shape.wants_headers();
         let mut batch =
             Batch { messages: Vec::new(), data: Vec::new(), encoded: EncodedBatch::default(), broker_error: None };
-        let mut deadline: Option<Instant> = None;
+        // When the first message came, and when the batch must go at the latest.
+        let mut opened: Option<(Instant, Instant)> = None;
         loop {
             // What librdkafka has queued already is taken without reading the clock, which
             // costs more than taking a message.
-            let polled = self.source.consumer.poll(Duration::ZERO).or_else(|| {
-                let wait = match deadline {
-                    None => POLL_SLICE,
-                    Some(d) => d.saturating_duration_since(Instant::now()).min(POLL_SLICE),
-                };
-                self.source.consumer.poll(wait)
-            });
+            let polled = match self.source.consumer.poll(Duration::ZERO) {
+                Some(polled) => Some(polled),
+                None => {
+                    let now = Instant::now();
+                    let wait = match opened {
+                        None => POLL_SLICE,
+                        Some((first, _))
+                            if now >= first + IDLE_APPLIER_LINGER && self.main_waiting.load(Ordering::Relaxed) =>
+                        {
+                            break;
+                        }
+                        Some((_, deadline)) => deadline.saturating_duration_since(now).min(OPEN_BATCH_POLL_SLICE),
+                    };
+                    self.source.consumer.poll(wait)
+                }
+            };
             match polled {
                 Some(Ok(m)) => {
                     batch.add(&m, wants_headers);
                     if batch.messages.len() >= self.batch_size || batch.data.len() >= MAX_BATCH_BYTES {
                         break;
                     }
-                    deadline.get_or_insert_with(|| Instant::now() + self.batch_timeout);
+                    opened.get_or_insert_with(|| {
+                        let now = Instant::now();
+                        (now, now + self.batch_timeout)
+                    });
                     if !batch.messages.len().is_multiple_of(CLOCK_CHECK_INTERVAL) {
                         continue;
                     }
                 }
                 Some(Err(e)) if consumer::is_fatal_poll_error(&e) => return Err(BridgeError::from(e)),
                 Some(Err(e)) => batch.broker_error = Some(e.to_string()),
-                None if deadline.is_none() => break,
+                None if opened.is_none() => break,
                 None => {}
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) || self.stop.load(Ordering::Relaxed) {
+            if opened.is_some_and(|(_, deadline)| Instant::now() >= deadline) || self.stop.load(Ordering::Relaxed) {
                 break;
             }
         }

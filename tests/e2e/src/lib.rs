@@ -3,6 +3,7 @@
 //! (`PGHOST`, `PGPORT`, `KAFKA_BROKERS`; `scripts/env.sh` sets the defaults). The cluster is
 //! controlled through `scripts/cluster.sh`, the local broker through `scripts/broker.sh`.
 
+pub mod bench;
 pub mod memory;
 pub mod orders;
 pub mod workload;
@@ -144,14 +145,21 @@ pub fn producer() -> Producer_ {
 
 /// A producer to the brokers at `bootstrap_servers` rather than those of `KAFKA_BROKERS`.
 pub fn producer_at(bootstrap_servers: &str) -> Producer_ {
-    let inner = ClientConfig::new()
+    producer_with(bootstrap_servers, &[])
+}
+
+/// [`producer_at`] with settings of its own (`linger.ms`, ...).
+pub fn producer_with(bootstrap_servers: &str, settings: &[(&str, &str)]) -> Producer_ {
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", bootstrap_servers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
-        .expect("producer");
-    Producer_ { inner }
+        .set("queue.buffering.max.messages", "1000000");
+    for (key, value) in settings {
+        config.set(*key, *value);
+    }
+    Producer_ { inner: config.create().expect("producer") }
 }
 
 impl Producer_ {

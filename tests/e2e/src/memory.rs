@@ -13,6 +13,7 @@ pub struct MemorySampler {
     running: Arc<AtomicBool>,
     peak_anon_kb: Arc<AtomicU64>,
     peak_hwm_kb: Arc<AtomicU64>,
+    peak_total_anon_kb: Arc<AtomicU64>,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -21,31 +22,41 @@ impl MemorySampler {
         let running = Arc::new(AtomicBool::new(true));
         let peak_anon_kb = Arc::new(AtomicU64::new(0));
         let peak_hwm_kb = Arc::new(AtomicU64::new(0));
+        let peak_total_anon_kb = Arc::new(AtomicU64::new(0));
         let thread = {
             let (running, anon, hwm) = (running.clone(), peak_anon_kb.clone(), peak_hwm_kb.clone());
+            let total = peak_total_anon_kb.clone();
             std::thread::spawn(move || {
                 let mut client = pg();
                 while running.load(Ordering::SeqCst) {
+                    let mut sum = 0;
                     for pid in pids(&mut client) {
                         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-                        anon.fetch_max(status_kb(&status, "RssAnon:"), Ordering::SeqCst);
+                        let private = status_kb(&status, "RssAnon:");
+                        sum += private;
+                        anon.fetch_max(private, Ordering::SeqCst);
                         hwm.fetch_max(status_kb(&status, "VmHWM:"), Ordering::SeqCst);
                     }
+                    total.fetch_max(sum, Ordering::SeqCst);
                     std::thread::sleep(Duration::from_millis(50));
                 }
             })
         };
-        MemorySampler { running, peak_anon_kb, peak_hwm_kb, thread }
+        MemorySampler { running, peak_anon_kb, peak_hwm_kb, peak_total_anon_kb, thread }
     }
 
-    /// Peak private RSS and peak total RSS, in MB.
+    /// Peak private RSS and peak total RSS of any one process, in MB.
     pub fn stop(self) -> (f64, f64) {
+        let peaks = self.stop_with_sum();
+        (peaks.0, peaks.1)
+    }
+
+    /// [`MemorySampler::stop`], and the peak of the processes' private RSS added up (MB).
+    pub fn stop_with_sum(self) -> (f64, f64, f64) {
         self.running.store(false, Ordering::SeqCst);
         self.thread.join().unwrap();
-        (
-            self.peak_anon_kb.load(Ordering::SeqCst) as f64 / 1024.0,
-            self.peak_hwm_kb.load(Ordering::SeqCst) as f64 / 1024.0,
-        )
+        let mb = |kb: &AtomicU64| kb.load(Ordering::SeqCst) as f64 / 1024.0;
+        (mb(&self.peak_anon_kb), mb(&self.peak_hwm_kb), mb(&self.peak_total_anon_kb))
     }
 }
 
