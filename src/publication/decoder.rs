@@ -156,6 +156,13 @@ impl Decoder {
         unsafe { (*(*self.ctx).reader).EndRecPtr }
     }
 
+    /// Whether WAL was flushed past the last record decoded.
+    pub(crate) fn more_flushed(&self) -> bool {
+        // SAFETY: GetFlushRecPtr only reads shared memory under its spinlock (a NULL
+        // timeline pointer is allowed); called on the main thread.
+        unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) > self.decoded_up_to() }
+    }
+
     /// Tells the slot that everything before `lsn` is published: the WAL before it may go.
     pub(crate) fn confirm(&mut self, lsn: u64) -> Result<()> {
         // SAFETY: this process holds the slot (MyReplicationSlot) while the decoder lives;

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 /// Longest stretch of decoding between two looks at signals and the Kafka transaction.
 const READ_BUDGET: Duration = Duration::from_millis(100);
-/// Pause when all flushed WAL is decoded.
+/// Pause when all flushed WAL is decoded and nothing more was flushed meanwhile.
 const IDLE_WAIT: Duration = Duration::from_millis(20);
 
 #[pg_guard]
@@ -155,7 +155,10 @@ impl PublicationWorker {
             if progressed {
                 backoff.reset();
             }
-            if caught_up && !snapshotter.busy() {
+            // What was flushed while the Kafka transaction committed is read at once: at a
+            // steady rate of commits, each cycle publishes what the previous one's commit
+            // took time for, rather than waiting for more.
+            if caught_up && !snapshotter.busy() && !decoder.more_flushed() {
                 worker::sleep(IDLE_WAIT);
             }
         }

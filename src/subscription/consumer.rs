@@ -17,6 +17,9 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 const FETCH_MAX_BYTES: &str = "8388608";
 /// Wait before fetching again after the pre-fetch buffer was full.
 const FETCH_QUEUE_BACKOFF_MS: &str = "10";
+/// Longest a fetch waits at the broker for messages (librdkafka's default is 500 ms). Kafka
+/// answers as soon as a message comes; a broker that misses that answers at this time.
+const FETCH_WAIT_MAX_MS: &str = "100";
 
 pub(crate) struct TopicConsumer {
     pub(crate) consumer: BaseConsumer<BridgeContext>,
@@ -38,6 +41,7 @@ impl TopicConsumer {
             ("queued.max.messages.kbytes", queue_kbytes.as_str()),
             ("fetch.max.bytes", FETCH_MAX_BYTES),
             ("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS),
+            ("fetch.wait.max.ms", FETCH_WAIT_MAX_MS),
         ];
         let managed = [
             ("group.id", client_name.as_str()),

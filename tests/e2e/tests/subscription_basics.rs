@@ -254,6 +254,40 @@ fn columns_added_while_running_are_filled() {
     drop_subscription(&mut pg, &sub);
 }
 
+/// A batch goes as soon as nothing more is waiting and the worker is idle, long before its
+/// `batch_timeout_ms`; a burst that arrives together still makes few large batches.
+#[test]
+fn an_idle_worker_applies_a_message_at_once_and_a_burst_in_few_batches() {
+    let mut pg = pg();
+    let (topic, table, sub) = topic_and_table(&mut pg, "early", 1, "id bigint PRIMARY KEY");
+    create_subscription(&mut pg, &sub, &topic, &table, ", batch_timeout_ms => 20000");
+    let p = producer();
+    // The first message only once the worker runs: its consumer is set up, and waits.
+    wait_for("the worker", WAIT, || status(&mut pg, &sub).contains("running"));
+    std::thread::sleep(Duration::from_secs(1));
+    for (round, id) in [0i64, 1, 2].into_iter().enumerate() {
+        let sent = std::time::Instant::now();
+        p.send_json(&topic, None, &id.to_string(), &json!({"id": id}));
+        p.flush();
+        wait_for_count(&format!("SELECT count(*) FROM {table} WHERE id = {id}"), 1, WAIT);
+        let took = sent.elapsed();
+        assert!(
+            took < Duration::from_secs(5),
+            "message {round}: a row after {took:?}, as if waiting for the batch to fill"
+        );
+    }
+    // A burst of 5,000: librdkafka holds them all at once, so the batch takes them all.
+    const BURST: i64 = 5_000;
+    for id in 100..100 + BURST {
+        p.send_json(&topic, None, &id.to_string(), &json!({"id": id}));
+    }
+    p.flush();
+    wait_for_count(&format!("SELECT count(*) FROM {table} WHERE id >= 100"), BURST, WAIT);
+    let transactions = count(&mut pg, &format!("SELECT count(DISTINCT xmin::text) FROM {table} WHERE id >= 100"));
+    assert!(transactions <= 50, "a burst of {BURST} messages took {transactions} transactions");
+    drop_subscription(&mut pg, &sub);
+}
+
 #[test]
 fn batch_commits_wait_for_the_disk_only_when_configured() {
     // One message per batch. A synchronous commit flushes the WAL itself, so each batch

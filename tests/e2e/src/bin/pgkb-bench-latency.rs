@@ -1,16 +1,22 @@
-//! Latency in both directions, at fixed rates, with the extension's default settings.
+//! Latency in both directions, at fixed rates, with the extension's default settings, each
+//! beside a baseline of the broker's own latency measured in the same run.
 //!
 //! Subscription: a producer (linger.ms 0) writes JSON orders at the rate for the duration to
 //! a 4-partition topic; one worker ingests them into a table with a `_kafka_timestamp`
 //! column. A row's latency is the commit time of the transaction that wrote it
 //! (`pg_xact_commit_timestamp(xmin)`, hence `track_commit_timestamp = on`) minus the
 //! message's timestamp, which the producer set when the message was handed to it.
+//! Baseline: a plain consumer in this process tailing the same topic (message timestamp to
+//! receipt), the latency of any consumer of that broker.
 //!
 //! Publication: a client inserts rows at the rate for the duration, in a transaction every
-//! time rows are due (that is every millisecond or so). A row's latency is the time a
+//! time rows are due (about every millisecond). A row's latency is the time a
 //! `read_committed` consumer, tailing the topic in this process, receives its event minus the
 //! commit time of the PostgreSQL transaction (the event's `source.commit_time`): what a
 //! Kafka reader sees, the Kafka transaction's commit and the consumer's fetch included.
+//! Baseline: at the same time and rate, a transactional producer in this process writes to
+//! another topic, committing whenever messages are due, tailed the same way (message
+//! timestamp to receipt): the latency of Kafka transactions on that broker.
 //!
 //! Each direction and rate runs on an empty broker; the first 200 messages (connections,
 //! metadata) are not counted.
@@ -20,6 +26,8 @@
 use pg_kafka_bridge_e2e::bench::{self, Rows, TABLE_OPTIONS};
 use pg_kafka_bridge_e2e::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,11 +36,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 const WARMUP: i64 = 200;
 const PARTITIONS: i32 = 4;
 
-struct Latencies {
+/// p50, p99 and maximum, in milliseconds.
+type Percentiles = (f64, f64, f64);
+
+struct Measured {
     achieved_rate: f64,
-    p50: f64,
-    p99: f64,
-    max: f64,
+    product: Percentiles,
+    baseline: Percentiles,
     measured: usize,
 }
 
@@ -45,24 +55,26 @@ fn main() {
     let mut results = Vec::new();
     for &rate in &rates {
         println!("subscription at {rate:.0} messages/s for {seconds:.0} s...");
-        results.push(("subscription", rate, subscription(&mut pg, rate, seconds)));
+        results.push(("subscription", "any consumer", rate, subscription(&mut pg, rate, seconds)));
     }
     for &rate in &rates {
         println!("publication at {rate:.0} rows/s for {seconds:.0} s...");
-        results.push(("publication", rate, publication(&mut pg, rate, seconds)));
+        results.push(("publication", "Kafka transactions", rate, publication(&mut pg, rate, seconds)));
     }
     println!();
-    println!("latency, default settings, {seconds:.0} s per rate (ms)");
-    println!("direction | rate /s | achieved /s | p50 ms | p99 ms | max ms | measured");
-    for (direction, rate, l) in results {
+    println!("latency, default settings, {seconds:.0} s per rate, in ms; the broker's own beside it");
+    println!("direction | rate /s | achieved /s | p50 | p99 | max | broker baseline | p50 | p99 | max | measured");
+    for (direction, baseline, rate, m) in results {
+        let ((p50, p99, max), (b50, b99, bmax)) = (m.product, m.baseline);
         println!(
-            "{direction} | {rate:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {}",
-            l.achieved_rate, l.p50, l.p99, l.max, l.measured
+            "{direction} | {rate:.0} | {:.0} | {p50:.1} | {p99:.1} | {max:.1} | {baseline} | {b50:.1} | {b99:.1} | \
+             {bmax:.1} | {}",
+            m.achieved_rate, m.measured
         );
     }
 }
 
-fn subscription(pg: &mut postgres::Client, rate: f64, seconds: f64) -> Latencies {
+fn subscription(pg: &mut postgres::Client, rate: f64, seconds: f64) -> Measured {
     bench::empty_broker();
     let (topic, table, sub) = (unique("bench_lat"), unique("bench_lat"), unique("bench_lat"));
     create_topic(&topic, PARTITIONS);
@@ -72,21 +84,21 @@ fn subscription(pg: &mut postgres::Client, rate: f64, seconds: f64) -> Latencies
     ))
     .unwrap();
     bench::create_subscription(pg, &brokers(), &sub, &topic, &table, "");
+    let count = (rate * seconds) as i64;
+    let consumer = Tail::start(&topic, PARTITIONS, false, count, |m, now_us| {
+        let id: i64 = std::str::from_utf8(m.key()?).ok()?.parse().ok()?;
+        Some((id, now_us - m.timestamp().to_millis()? * 1000))
+    });
     let producer = producer_with(&brokers(), &[("linger.ms", "0")]);
     let send = |ids: std::ops::Range<i64>| {
         for id in ids {
             let (key, value) = (id.to_string(), Rows::Orders.json(id));
-            producer.send(
-                &topic,
-                Some(bench::partition_of(id, PARTITIONS)),
-                Some(key.as_bytes()),
-                Some(value.as_bytes()),
-            );
+            let partition = Some(bench::partition_of(id, PARTITIONS));
+            producer.send(&topic, partition, Some(key.as_bytes()), Some(value.as_bytes()));
         }
     };
     send(0..WARMUP);
     bench::wait_for_offsets(pg, &sub, WARMUP, Duration::from_secs(60));
-    let count = (rate * seconds) as i64;
     let secs = bench::paced(count, rate, |ids| send(ids.start + WARMUP..ids.end + WARMUP));
     producer.flush();
     bench::wait_for_offsets(pg, &sub, WARMUP + count, Duration::from_secs(300));
@@ -101,21 +113,35 @@ fn subscription(pg: &mut postgres::Client, rate: f64, seconds: f64) -> Latencies
         .unwrap();
     let mut latencies: Vec<f64> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(latencies.len() as i64, count, "every message a row");
+    let mut baseline = consumer.finish(Duration::from_secs(60));
     drop_subscription(pg, &sub);
     pg.batch_execute(&format!("DROP TABLE {table}")).unwrap();
-    let (p50, p99, max) = bench::percentiles(&mut latencies);
-    Latencies { achieved_rate: count as f64 / secs, p50, p99, max, measured: latencies.len() }
+    Measured {
+        achieved_rate: count as f64 / secs,
+        product: bench::percentiles(&mut latencies),
+        baseline: bench::percentiles(&mut baseline),
+        measured: latencies.len(),
+    }
 }
 
-fn publication(pg: &mut postgres::Client, rate: f64, seconds: f64) -> Latencies {
+fn publication(pg: &mut postgres::Client, rate: f64, seconds: f64) -> Measured {
     bench::empty_broker();
     let (table, name) = (unique("bench_lat"), unique("bench_lat"));
-    let topic = format!("bench.{table}");
+    let (topic, baseline_topic) = (format!("bench.{table}"), unique("bench_lat_baseline"));
     create_topic(&topic, 1);
+    create_topic(&baseline_topic, 1);
     pg.batch_execute(&format!("CREATE TABLE {table} ({}) {TABLE_OPTIONS}", Rows::Orders.columns())).unwrap();
     create_publication(pg, &name, &[&table], &format!(", topic => '{topic}', snapshot => 'none'"));
     let count = (rate * seconds) as i64;
-    let tail = Tail::start(&topic, WARMUP + count);
+    let events = Tail::start(&topic, 1, true, count, |m, now_us| {
+        let event: serde_json::Value = serde_json::from_slice(m.payload()?).ok()?;
+        let commit_us = epoch_micros(event["source"]["commit_time"].as_str()?);
+        Some((event["after"]["id"].as_i64()?, now_us - commit_us))
+    });
+    let baseline = Tail::start(&baseline_topic, 1, true, count, |m, now_us| {
+        let id: i64 = std::str::from_utf8(m.payload()?).ok()?.parse().ok()?;
+        Some((id, now_us - m.timestamp().to_millis()? * 1000))
+    });
     let insert = |pg: &mut postgres::Client, ids: std::ops::Range<i64>| {
         pg.batch_execute(&format!(
             "INSERT INTO {table} SELECT {} FROM generate_series({}, {}) i",
@@ -126,19 +152,50 @@ fn publication(pg: &mut postgres::Client, rate: f64, seconds: f64) -> Latencies 
         .unwrap();
     };
     insert(pg, 0..WARMUP);
-    tail.wait_for(WARMUP as usize, Duration::from_secs(120));
+    events.wait_for(WARMUP as usize, Duration::from_secs(120));
+    let baseline_producer = transactional_producer(&baseline_topic, rate, count);
     let secs = bench::paced(count, rate, |ids| insert(pg, ids.start + WARMUP..ids.end + WARMUP));
-    let received = tail.finish(Duration::from_secs(300));
-    let mut latencies: Vec<f64> = received.iter().filter(|(id, _)| *id >= WARMUP).map(|(_, l)| *l).collect();
+    baseline_producer.join().expect("the baseline's producer");
+    let mut latencies = events.finish(Duration::from_secs(300));
     assert_eq!(latencies.len() as i64, count, "every row an event");
+    let mut baseline = baseline.finish(Duration::from_secs(60));
     drop_publication(pg, &name);
     pg.batch_execute(&format!("DROP TABLE {table}")).unwrap();
-    let (p50, p99, max) = bench::percentiles(&mut latencies);
-    Latencies { achieved_rate: count as f64 / secs, p50, p99, max, measured: latencies.len() }
+    Measured {
+        achieved_rate: count as f64 / secs,
+        product: bench::percentiles(&mut latencies),
+        baseline: bench::percentiles(&mut baseline),
+        measured: latencies.len(),
+    }
 }
 
-/// A `read_committed` consumer tailing a topic in a thread of its own, noting for each event
-/// its row's id and how long after the PostgreSQL commit it arrived.
+/// Writes ids `WARMUP..WARMUP + count` to `topic` at `rate` in a thread of its own, with a
+/// transactional producer that commits a Kafka transaction whenever messages are due.
+fn transactional_producer(topic: &str, rate: f64, count: i64) -> std::thread::JoinHandle<()> {
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("transactional.id", unique("bench_lat_baseline"))
+        .create()
+        .expect("a transactional producer");
+    producer.init_transactions(Duration::from_secs(30)).expect("init_transactions");
+    let topic = topic.to_string();
+    std::thread::spawn(move || {
+        bench::paced(count, rate, |ids| {
+            producer.begin_transaction().expect("begin_transaction");
+            for id in ids.start + WARMUP..ids.end + WARMUP {
+                let payload = id.to_string();
+                producer.send(BaseRecord::<str, str>::to(&topic).payload(&payload)).expect("queued");
+            }
+            // What the extension does before each commit (librdkafka's own flush).
+            // SAFETY: the handle belongs to `producer`, alive for the call.
+            unsafe { rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), 30_000) };
+            producer.commit_transaction(Duration::from_secs(30)).expect("commit_transaction");
+        });
+    })
+}
+
+/// A consumer tailing a topic from its start in a thread of its own, noting for each message
+/// its id and latency (µs, from `measure`), in milliseconds.
 struct Tail {
     received: Arc<Mutex<Vec<(i64, f64)>>>,
     expected: usize,
@@ -147,20 +204,28 @@ struct Tail {
 }
 
 impl Tail {
-    fn start(topic: &str, expected: i64) -> Tail {
+    fn start(
+        topic: &str,
+        partitions: i32,
+        read_committed: bool,
+        expected: i64,
+        measure: impl Fn(&BorrowedMessage, i64) -> Option<(i64, i64)> + Send + 'static,
+    ) -> Tail {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers())
             .set("group.id", unique("bench_tail"))
             .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
+            .set("isolation.level", if read_committed { "read_committed" } else { "read_uncommitted" })
             .set("fetch.wait.max.ms", "10")
             .set("receive.message.max.bytes", "2000000000")
             .create()
             .expect("consumer");
-        let mut partitions = TopicPartitionList::new();
-        partitions.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
-        consumer.assign(&partitions).unwrap();
-        let received = Arc::new(Mutex::new(Vec::with_capacity(expected as usize)));
+        let mut list = TopicPartitionList::new();
+        for partition in 0..partitions {
+            list.add_partition_offset(topic, partition, Offset::Beginning).unwrap();
+        }
+        consumer.assign(&list).unwrap();
+        let received = Arc::new(Mutex::new(Vec::with_capacity((WARMUP + expected) as usize)));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (received, stop) = (received.clone(), stop.clone());
@@ -169,11 +234,8 @@ impl Tail {
                     match consumer.poll(Duration::from_millis(50)) {
                         Some(Ok(m)) => {
                             let now_us = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as i64;
-                            let event: serde_json::Value =
-                                serde_json::from_slice(m.payload().expect("an event")).expect("a JSON event");
-                            let commit_us = epoch_micros(event["source"]["commit_time"].as_str().expect("commit_time"));
-                            let id = event["after"]["id"].as_i64().expect("an id");
-                            received.lock().unwrap().push((id, (now_us - commit_us) as f64 / 1000.0));
+                            let (id, latency_us) = measure(&m, now_us).expect("a message of the benchmark");
+                            received.lock().unwrap().push((id, latency_us as f64 / 1000.0));
                         }
                         Some(Err(e)) => eprintln!("tailing: {e}"),
                         None => {}
@@ -184,18 +246,21 @@ impl Tail {
         Tail { received, expected: expected as usize, stop, thread }
     }
 
-    fn wait_for(&self, events: usize, timeout: Duration) {
-        wait_for("the tailing consumer", timeout, || self.received.lock().unwrap().len() >= events);
+    fn wait_for(&self, messages: usize, timeout: Duration) {
+        wait_for("the tailing consumer", timeout, || self.received.lock().unwrap().len() >= messages);
     }
 
-    fn finish(self, timeout: Duration) -> Vec<(i64, f64)> {
+    /// The latencies of the measured messages (those after the warm-up), once all came.
+    fn finish(self, timeout: Duration) -> Vec<f64> {
         let deadline = Instant::now() + timeout;
-        while self.received.lock().unwrap().len() < self.expected && Instant::now() < deadline {
+        let measured = |received: &Vec<(i64, f64)>| received.iter().filter(|(id, _)| *id >= WARMUP).count();
+        while measured(&self.received.lock().unwrap()) < self.expected && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
         }
         self.stop.store(true, Ordering::SeqCst);
         self.thread.join().unwrap();
-        std::mem::take(&mut *self.received.lock().unwrap())
+        let received = std::mem::take(&mut *self.received.lock().unwrap());
+        received.into_iter().filter(|(id, _)| *id >= WARMUP).map(|(_, latency)| latency).collect()
     }
 }
 
