@@ -260,7 +260,12 @@ fn columns_added_while_running_are_filled() {
 fn an_idle_worker_applies_a_message_at_once_and_a_burst_in_few_batches() {
     let mut pg = pg();
     let (topic, table, sub) = topic_and_table(&mut pg, "early", 1, "id bigint PRIMARY KEY");
-    create_subscription(&mut pg, &sub, &topic, &table, ", batch_timeout_ms => 20000");
+    pg.batch_execute(&format!(
+        "SELECT kafka.create_subscription(name => '{sub}', brokers => '{}', topic => '{topic}', \
+         target => '{table}'::regclass, batch_timeout_ms => 20000)",
+        brokers()
+    ))
+    .unwrap();
     let p = producer();
     // The first message only once the worker runs: its consumer is set up, and waits.
     wait_for("the worker", WAIT, || status(&mut pg, &sub).contains("running"));
