@@ -6,17 +6,18 @@
 //! column. A row's latency is the commit time of the transaction that wrote it
 //! (`pg_xact_commit_timestamp(xmin)`, hence `track_commit_timestamp = on`) minus the
 //! message's timestamp, which the producer set when the message was handed to it.
-//! Baseline: a plain consumer in this process tailing the same topic (message timestamp to
-//! receipt), the latency of any consumer of that broker.
+//! Baseline: a plain consumer in this process tailing the same topic with the worker's fetch
+//! settings (message timestamp to receipt), the latency of any consumer of that broker.
 //!
 //! Publication: a client inserts rows at the rate for the duration, in a transaction every
 //! time rows are due (about every millisecond). A row's latency is the time a
 //! `read_committed` consumer, tailing the topic in this process, receives its event minus the
 //! commit time of the PostgreSQL transaction (the event's `source.commit_time`): what a
 //! Kafka reader sees, the Kafka transaction's commit and the consumer's fetch included.
-//! Baseline: at the same time and rate, a transactional producer in this process writes to
-//! another topic, committing whenever messages are due, tailed the same way (message
-//! timestamp to receipt): the latency of Kafka transactions on that broker.
+//! Baseline: at the same time and rate, a transactional producer in this process writes
+//! messages as large as the events to another topic, committing whenever messages are due,
+//! tailed the same way (message timestamp to receipt): the latency of Kafka transactions on
+//! that broker.
 //!
 //! Each direction and rate runs on an empty broker; the first 200 messages (connections,
 //! metadata) are not counted.
@@ -29,12 +30,18 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const WARMUP: i64 = 200;
 const PARTITIONS: i32 = 4;
+/// The subscription's baseline consumer fetches as a subscription worker does: the broker
+/// here holds a fetch up to its maximum wait at times, although messages came.
+const SUBSCRIPTION_FETCH_WAIT: &str = "100";
+/// The readers of a publication's events and of its baseline wait at most 10 ms per fetch,
+/// so that they see each committed message as soon as they can.
+const READER_FETCH_WAIT: &str = "10";
 
 /// p50, p99 and maximum, in milliseconds.
 type Percentiles = (f64, f64, f64);
@@ -85,7 +92,7 @@ fn subscription(pg: &mut postgres::Client, rate: f64, seconds: f64) -> Measured 
     .unwrap();
     bench::create_subscription(pg, &brokers(), &sub, &topic, &table, "");
     let count = (rate * seconds) as i64;
-    let consumer = Tail::start(&topic, PARTITIONS, false, count, |m, now_us| {
+    let consumer = Tail::start(&topic, PARTITIONS, false, SUBSCRIPTION_FETCH_WAIT, count, |m, now_us| {
         let id: i64 = std::str::from_utf8(m.key()?).ok()?.parse().ok()?;
         Some((id, now_us - m.timestamp().to_millis()? * 1000))
     });
@@ -133,13 +140,13 @@ fn publication(pg: &mut postgres::Client, rate: f64, seconds: f64) -> Measured {
     pg.batch_execute(&format!("CREATE TABLE {table} ({}) {TABLE_OPTIONS}", Rows::Orders.columns())).unwrap();
     create_publication(pg, &name, &[&table], &format!(", topic => '{topic}', snapshot => 'none'"));
     let count = (rate * seconds) as i64;
-    let events = Tail::start(&topic, 1, true, count, |m, now_us| {
+    let events = Tail::start(&topic, 1, true, READER_FETCH_WAIT, count, |m, now_us| {
         let event: serde_json::Value = serde_json::from_slice(m.payload()?).ok()?;
         let commit_us = epoch_micros(event["source"]["commit_time"].as_str()?);
         Some((event["after"]["id"].as_i64()?, now_us - commit_us))
     });
-    let baseline = Tail::start(&baseline_topic, 1, true, count, |m, now_us| {
-        let id: i64 = std::str::from_utf8(m.payload()?).ok()?.parse().ok()?;
+    let baseline = Tail::start(&baseline_topic, 1, true, READER_FETCH_WAIT, count, |m, now_us| {
+        let id: i64 = std::str::from_utf8(m.payload()?).ok()?.trim_end().parse().ok()?;
         Some((id, now_us - m.timestamp().to_millis()? * 1000))
     });
     let insert = |pg: &mut postgres::Client, ids: std::ops::Range<i64>| {
@@ -153,7 +160,9 @@ fn publication(pg: &mut postgres::Client, rate: f64, seconds: f64) -> Measured {
     };
     insert(pg, 0..WARMUP);
     events.wait_for(WARMUP as usize, Duration::from_secs(120));
-    let baseline_producer = transactional_producer(&baseline_topic, rate, count);
+    // The baseline's messages are as large as the events: the broker's work grows with bytes.
+    let event_size = events.last_size.load(Ordering::SeqCst);
+    let baseline_producer = transactional_producer(&baseline_topic, rate, count, event_size);
     let secs = bench::paced(count, rate, |ids| insert(pg, ids.start + WARMUP..ids.end + WARMUP));
     baseline_producer.join().expect("the baseline's producer");
     let mut latencies = events.finish(Duration::from_secs(300));
@@ -169,9 +178,10 @@ fn publication(pg: &mut postgres::Client, rate: f64, seconds: f64) -> Measured {
     }
 }
 
-/// Writes ids `WARMUP..WARMUP + count` to `topic` at `rate` in a thread of its own, with a
-/// transactional producer that commits a Kafka transaction whenever messages are due.
-fn transactional_producer(topic: &str, rate: f64, count: i64) -> std::thread::JoinHandle<()> {
+/// Writes ids `WARMUP..WARMUP + count` to `topic` at `rate` in a thread of its own, as
+/// messages of `size` bytes, with a transactional producer that commits a Kafka transaction
+/// whenever messages are due.
+fn transactional_producer(topic: &str, rate: f64, count: i64, size: usize) -> std::thread::JoinHandle<()> {
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("transactional.id", unique("bench_lat_baseline"))
@@ -183,7 +193,7 @@ fn transactional_producer(topic: &str, rate: f64, count: i64) -> std::thread::Jo
         bench::paced(count, rate, |ids| {
             producer.begin_transaction().expect("begin_transaction");
             for id in ids.start + WARMUP..ids.end + WARMUP {
-                let payload = id.to_string();
+                let payload = format!("{id:<size$}");
                 producer.send(BaseRecord::<str, str>::to(&topic).payload(&payload)).expect("queued");
             }
             // What the extension does before each commit (librdkafka's own flush).
@@ -198,6 +208,8 @@ fn transactional_producer(topic: &str, rate: f64, count: i64) -> std::thread::Jo
 /// its id and latency (µs, from `measure`), in milliseconds.
 struct Tail {
     received: Arc<Mutex<Vec<(i64, f64)>>>,
+    /// Size of the last message's key and value.
+    last_size: Arc<AtomicUsize>,
     expected: usize,
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<()>,
@@ -208,6 +220,7 @@ impl Tail {
         topic: &str,
         partitions: i32,
         read_committed: bool,
+        fetch_wait_max_ms: &str,
         expected: i64,
         measure: impl Fn(&BorrowedMessage, i64) -> Option<(i64, i64)> + Send + 'static,
     ) -> Tail {
@@ -216,7 +229,7 @@ impl Tail {
             .set("group.id", unique("bench_tail"))
             .set("enable.auto.commit", "false")
             .set("isolation.level", if read_committed { "read_committed" } else { "read_uncommitted" })
-            .set("fetch.wait.max.ms", "10")
+            .set("fetch.wait.max.ms", fetch_wait_max_ms)
             .set("receive.message.max.bytes", "2000000000")
             .create()
             .expect("consumer");
@@ -227,14 +240,16 @@ impl Tail {
         consumer.assign(&list).unwrap();
         let received = Arc::new(Mutex::new(Vec::with_capacity((WARMUP + expected) as usize)));
         let stop = Arc::new(AtomicBool::new(false));
+        let last_size = Arc::new(AtomicUsize::new(0));
         let thread = {
-            let (received, stop) = (received.clone(), stop.clone());
+            let (received, stop, size) = (received.clone(), stop.clone(), last_size.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
                     match consumer.poll(Duration::from_millis(50)) {
                         Some(Ok(m)) => {
                             let now_us = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as i64;
                             let (id, latency_us) = measure(&m, now_us).expect("a message of the benchmark");
+                            size.store(m.key_len() + m.payload_len(), Ordering::SeqCst);
                             received.lock().unwrap().push((id, latency_us as f64 / 1000.0));
                         }
                         Some(Err(e)) => eprintln!("tailing: {e}"),
@@ -243,7 +258,7 @@ impl Tail {
                 }
             })
         };
-        Tail { received, expected: expected as usize, stop, thread }
+        Tail { received, last_size, expected: expected as usize, stop, thread }
     }
 
     fn wait_for(&self, messages: usize, timeout: Duration) {
