@@ -11,6 +11,8 @@ pidfile="$dir/pid"
 port="${PGKB_LOCAL_BROKER##*:}"
 
 running() { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
+# The broker of this folder, also when its pid file is gone (its folder was removed under it).
+broker_pid() { pgrep -f -- "--data-dir $dir/data" | head -1; }
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; }
 
 start() {
@@ -36,8 +38,7 @@ stop() {
     pid=$(cat "$pidfile")
   else
     rm -f "$pidfile"
-    # A broker of this folder whose pid file is gone (its folder was removed under it).
-    pid=$(pgrep -f -- "--data-dir $dir/data" | head -1) || return 0
+    pid=$(broker_pid) || return 0
   fi
   # SIGINT is the broker's graceful stop: it saves its data first, as one file, which takes
   # a while once tests have written a few hundred MB; killed sooner, it loses data.
@@ -52,7 +53,7 @@ stop() {
 
 reset() {
   local pid
-  pid=$(pgrep -f -- "--data-dir $dir/data" | head -1) || true
+  pid=$(broker_pid) || true
   if [ -n "$pid" ]; then
     kill -KILL "$pid"
     while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done

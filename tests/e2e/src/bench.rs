@@ -173,11 +173,30 @@ pub fn applied(pg: &mut Client, subscription: &str) -> i64 {
 
 /// Polls every 10 ms until the subscription applied `messages`.
 pub fn wait_for_offsets(pg: &mut Client, subscription: &str, messages: i64, timeout: Duration) {
+    poll_until(&format!("{subscription} to apply {messages} messages"), timeout, || {
+        applied(pg, subscription) >= messages
+    });
+}
+
+/// Polls `condition` every 10 ms (often enough to time a phase of a benchmark) until it holds,
+/// or panics naming `what` after `timeout`.
+pub fn poll_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
-    while applied(pg, subscription) < messages {
-        assert!(Instant::now() < deadline, "timed out waiting for {subscription} to apply {messages} messages");
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Inserts rows `ids` of `rows` into `table` in one statement (one transaction).
+pub fn insert(pg: &mut Client, table: &str, rows: Rows, ids: std::ops::Range<i64>) {
+    pg.batch_execute(&format!(
+        "INSERT INTO {table} SELECT {} FROM generate_series({}, {}) i",
+        rows.select_list(),
+        ids.start,
+        ids.end - 1
+    ))
+    .unwrap();
 }
 
 pub fn median(values: &[f64]) -> f64 {

@@ -53,6 +53,18 @@ struct Measured {
     measured: usize,
 }
 
+impl Measured {
+    /// `count` messages sent in `secs`, with the product's and the baseline's latencies.
+    fn new(count: i64, secs: f64, mut product: Vec<f64>, mut baseline: Vec<f64>) -> Measured {
+        Measured {
+            achieved_rate: count as f64 / secs,
+            measured: product.len(),
+            product: bench::percentiles(&mut product),
+            baseline: bench::percentiles(&mut baseline),
+        }
+    }
+}
+
 fn main() {
     let rates: Vec<f64> = bench::env_list("PGKB_BENCH_RATES", "1000,10000");
     let seconds = bench::env_number("PGKB_BENCH_SECONDS", 60) as f64;
@@ -118,17 +130,12 @@ fn subscription(pg: &mut postgres::Client, rate: f64, seconds: f64) -> Measured 
             &[],
         )
         .unwrap();
-    let mut latencies: Vec<f64> = rows.iter().map(|r| r.get(0)).collect();
+    let latencies: Vec<f64> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(latencies.len() as i64, count, "every message a row");
-    let mut baseline = consumer.finish(Duration::from_secs(60));
+    let baseline = consumer.finish(Duration::from_secs(60));
     drop_subscription(pg, &sub);
     pg.batch_execute(&format!("DROP TABLE {table}")).unwrap();
-    Measured {
-        achieved_rate: count as f64 / secs,
-        product: bench::percentiles(&mut latencies),
-        baseline: bench::percentiles(&mut baseline),
-        measured: latencies.len(),
-    }
+    Measured::new(count, secs, latencies, baseline)
 }
 
 fn publication(pg: &mut postgres::Client, rate: f64, seconds: f64) -> Measured {
@@ -149,33 +156,20 @@ fn publication(pg: &mut postgres::Client, rate: f64, seconds: f64) -> Measured {
         let id: i64 = std::str::from_utf8(m.payload()?).ok()?.trim_end().parse().ok()?;
         Some((id, now_us - m.timestamp().to_millis()? * 1000))
     });
-    let insert = |pg: &mut postgres::Client, ids: std::ops::Range<i64>| {
-        pg.batch_execute(&format!(
-            "INSERT INTO {table} SELECT {} FROM generate_series({}, {}) i",
-            Rows::Orders.select_list(),
-            ids.start,
-            ids.end - 1
-        ))
-        .unwrap();
-    };
-    insert(pg, 0..WARMUP);
+    bench::insert(pg, &table, Rows::Orders, 0..WARMUP);
     events.wait_for(WARMUP as usize, Duration::from_secs(120));
     // The baseline's messages are as large as the events: the broker's work grows with bytes.
     let event_size = events.last_size.load(Ordering::SeqCst);
     let baseline_producer = transactional_producer(&baseline_topic, rate, count, event_size);
-    let secs = bench::paced(count, rate, |ids| insert(pg, ids.start + WARMUP..ids.end + WARMUP));
+    let secs =
+        bench::paced(count, rate, |ids| bench::insert(pg, &table, Rows::Orders, ids.start + WARMUP..ids.end + WARMUP));
     baseline_producer.join().expect("the baseline's producer");
-    let mut latencies = events.finish(Duration::from_secs(300));
+    let latencies = events.finish(Duration::from_secs(300));
     assert_eq!(latencies.len() as i64, count, "every row an event");
-    let mut baseline = baseline.finish(Duration::from_secs(60));
+    let baseline = baseline.finish(Duration::from_secs(60));
     drop_publication(pg, &name);
     pg.batch_execute(&format!("DROP TABLE {table}")).unwrap();
-    Measured {
-        achieved_rate: count as f64 / secs,
-        product: bench::percentiles(&mut latencies),
-        baseline: bench::percentiles(&mut baseline),
-        measured: latencies.len(),
-    }
+    Measured::new(count, secs, latencies, baseline)
 }
 
 /// Writes ids `WARMUP..WARMUP + count` to `topic` at `rate` in a thread of its own, as

@@ -106,18 +106,13 @@ fn insert_rows(pg: &mut postgres::Client, table: &str, rows: Rows, ids: std::ops
     let mut next = ids.start;
     while next < ids.end {
         let size = if next == ids.start { first } else { TRANSACTION }.min(ids.end - next);
-        pg.batch_execute(&format!(
-            "INSERT INTO {table} SELECT {} FROM generate_series({next}, {}) i",
-            rows.select_list(),
-            next + size - 1
-        ))
-        .unwrap();
+        bench::insert(pg, table, rows, next..next + size);
         next += size;
     }
 }
 
 /// [`insert_rows`] of `changes` rows into one table; returns the end of the WAL written.
-fn insert_orders(pg: &mut postgres::Client, table: &str, rows: Rows, changes: i64, first: i64) -> String {
+fn insert_changes(pg: &mut postgres::Client, table: &str, rows: Rows, changes: i64, first: i64) -> String {
     let started = Instant::now();
     insert_rows(pg, table, rows, 0..changes, first);
     wal_end(pg, started)
@@ -138,7 +133,7 @@ fn snapshot_against_streaming(rows: i64) {
     create_publication(&mut pg, &name, &[&table], ", topic => 'bench.{table}', snapshot => 'none'");
     stop_publication(&mut pg, &name);
     println!("writing {rows} rows in transactions of {TRANSACTION}...");
-    let end_lsn = insert_orders(&mut pg, &table, Rows::Orders, rows, TRANSACTION);
+    let end_lsn = insert_changes(&mut pg, &table, Rows::Orders, rows, TRANSACTION);
 
     // Streaming: the publication publishes the inserts from its slot.
     let started = Instant::now();
@@ -294,7 +289,7 @@ fn compare(pg: &mut postgres::Client, rows: Rows, changes: i64, first: i64) -> C
     create_publication(pg, &name, &[&table], &format!(", topic => 'bench.{table}', snapshot => 'none'"));
     stop_publication(pg, &name);
     pg.batch_execute(&format!("SELECT pg_create_logical_replication_slot('{recv_slot}', 'test_decoding')")).unwrap();
-    let end_lsn = insert_orders(pg, &table, rows, changes, first);
+    let end_lsn = insert_changes(pg, &table, rows, changes, first);
     let recv_secs = pg_recvlogical(pg, &recv_slot, &end_lsn);
 
     // The publication, from the same WAL, until its slot is confirmed past the end.

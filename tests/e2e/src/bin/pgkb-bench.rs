@@ -317,9 +317,9 @@ fn ingest(
     let started = Instant::now();
     bench::create_subscription(pg, bootstrap_servers, &sub, topic, &table, extra);
     let sampler = MemorySampler::start(subscription_workers(&sub));
-    wait_until(pg, |pg| !worker_pids(pg, &sub).is_empty());
+    bench::poll_until("the worker", Duration::from_secs(120), || !worker_pids(pg, &sub).is_empty());
     let worker_started_secs = started.elapsed().as_secs_f64();
-    wait_until(pg, |pg| bench::applied(pg, &sub) > 0);
+    bench::poll_until("the first rows", Duration::from_secs(120), || bench::applied(pg, &sub) > 0);
     let first_rows_secs = started.elapsed().as_secs_f64();
     bench::wait_for_offsets(pg, &sub, messages, Duration::from_secs(600));
     let secs = started.elapsed().as_secs_f64();
@@ -328,15 +328,6 @@ fn ingest(
     drop_subscription(pg, &sub);
     pg.batch_execute(&format!("DROP TABLE {table}")).unwrap();
     Ingestion { secs, worker_started_secs, first_rows_secs, peak_private_mb, peak_rss_mb }
-}
-
-/// Polls every 10 ms for at most 2 minutes.
-fn wait_until(pg: &mut postgres::Client, mut condition: impl FnMut(&mut postgres::Client) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !condition(pg) {
-        assert!(Instant::now() < deadline, "timed out");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 fn create_table(pg: &mut postgres::Client, prefix: &str, rows: Rows) -> String {
