@@ -211,3 +211,27 @@ pub(crate) fn topic_name_problem(topic: &str) -> Option<String> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A subscription's or publication's options override the extension's defaults (the
+    /// README says so of `fetch.wait.max.ms` and the others), never the managed properties.
+    #[test]
+    fn options_override_defaults_but_not_managed_properties() {
+        let options = Options(vec![
+            ("fetch.wait.max.ms".into(), "10".into()),
+            ("isolation.level".into(), "read_uncommitted".into()),
+        ]);
+        let config = options.client_config(
+            "broker:9092",
+            &[("fetch.wait.max.ms", "100"), ("fetch.max.bytes", "8388608")],
+            &[("isolation.level", "read_committed")],
+        );
+        assert_eq!(config.get("fetch.wait.max.ms"), Some("10"));
+        assert_eq!(config.get("fetch.max.bytes"), Some("8388608"));
+        assert_eq!(config.get("isolation.level"), Some("read_committed"));
+        assert_eq!(config.get("bootstrap.servers"), Some("broker:9092"));
+    }
+}
